@@ -1,0 +1,49 @@
+"""Command line: parse flags, build the configuration, hand it to the server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .config import ConfigError, load
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="openai-forward",
+        description="A fast, transparent forwarding gateway for the OpenAI API.",
+    )
+    parser.add_argument("--version", action="version", version=f"openai-forward {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser("run", help="start the gateway")
+    run.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+    run.add_argument("--port", help="port to listen on (default 8000)")
+    run.add_argument("--workers", help="worker processes serving the port (default 1)")
+    run.add_argument("--base-url", help="upstream base URL (default https://api.openai.com)")
+    run.add_argument("--log-level", help="debug, info, warning or error (default info)")
+    check = sub.add_parser("check", help="validate the configuration and print it, secrets masked")
+    check.add_argument("--base-url", help="upstream base URL")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    overrides = {k: v for k, v in vars(args).items() if k != "command"}
+    try:
+        config = load(os.environ, overrides)
+    except ConfigError as exc:
+        print(f"openai-forward: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "check":
+        print(json.dumps(config.masked(), indent=2))
+        return 0
+    from .server import serve
+
+    return serve(config)

@@ -1,0 +1,174 @@
+"""Processes and sockets: bind once, serve from one or several worker processes.
+
+With ``workers == 1`` the gateway serves from this process. With more, this process binds
+the socket, forks the workers (each with its own event loop on the shared socket), restarts
+a worker that dies, and on SIGTERM or SIGINT asks them all to drain and stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+from .config import Config
+from .http1 import ServerProtocol
+from .proxy import Proxy
+from .upstream import Pool
+
+log = logging.getLogger("openai_forward")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s [%(process)d] %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def bind(config: Config) -> socket.socket:
+    """The listening socket; IPv6 hosts get an AF_INET6 socket."""
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((config.host, config.port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def serve(config: Config) -> int:
+    """Run the gateway until a signal stops it; returns the exit code."""
+    setup_logging(config.log_level)
+    try:
+        sock = bind(config)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror)
+        return 1
+    host, port = sock.getsockname()[:2]
+    up = config.upstream
+    log.info(
+        "openai-forward listening on http://%s:%d, forwarding to %s://%s:%d%s, %d worker(s)%s",
+        host,
+        port,
+        up.scheme,
+        up.host,
+        up.port,
+        up.base_path,
+        config.workers,
+        ", default key set" if config.api_key else "",
+    )
+    if config.workers == 1:
+        return run_worker(config, sock)
+    return supervise(config, sock)
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # Windows, or a platform without uvloop wheels
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run_worker(config: Config, sock: socket.socket) -> int:
+    loop = _new_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(_worker(config, sock))
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+    return 0
+
+
+async def _worker(config: Config, sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    pool = Pool(config.upstream, config, loop)
+    proxy = Proxy(config, pool)
+    connections: set[ServerProtocol] = set()
+    server = await loop.create_server(
+        lambda: ServerProtocol(proxy, config, connections), sock=sock, backlog=2048
+    )
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: draining %d connection(s)", len(connections))
+    server.close()
+    for conn in list(connections):
+        conn.shutdown()
+    deadline = loop.time() + config.shutdown_timeout
+    while connections and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    for conn in list(connections):
+        conn.abort()
+    pool.close()
+    await asyncio.sleep(0)
+
+
+def supervise(config: Config, sock: socket.socket) -> int:
+    """Fork the workers, keep them running, stop them together."""
+    stopping = False
+    children: dict[int, float] = {}
+
+    def spawn() -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                code = run_worker(config, sock)
+            except BaseException:
+                log.exception("worker failed")
+            finally:
+                os._exit(code)
+        children[pid] = time.monotonic()
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for _ in range(config.workers):
+        spawn()
+    code = 0
+    deadline = None
+    while children:
+        if stopping and deadline is None:
+            deadline = time.monotonic() + config.shutdown_timeout + 5
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG if deadline else 0)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            if deadline is not None and time.monotonic() > deadline:
+                for child in children:
+                    os.kill(child, signal.SIGKILL)
+            time.sleep(0.05)
+            continue
+        started = children.pop(pid, None)
+        if started is None:
+            continue
+        exit_code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            if exit_code != 0:
+                code = 1
+            continue
+        log.error("worker %d exited with %d; starting a new one", pid, exit_code)
+        if time.monotonic() - started < 1.0:
+            time.sleep(1.0)  # a worker that dies at once: do not spin
+        spawn()
+    sock.close()
+    return code

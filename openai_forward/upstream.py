@@ -1,0 +1,329 @@
+"""The upstream side: pooled HTTP/1.1 client connections on llhttp (httptools).
+
+A connection parses the response and hands head, body pieces and the end to a
+:class:`Listener` from inside the protocol callbacks, so relaying a chunk costs one parser
+callback and one write: no task, no queue, no await per chunk. Timeouts are one timer per
+request, re-armed from timestamps rather than per chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Protocol, cast
+
+import httptools
+
+from . import errors
+from .config import Config, Upstream
+from .errors import GatewayError
+
+log = logging.getLogger("openai_forward")
+
+
+class Listener(Protocol):
+    """Receives one upstream response. Calls come from the event loop, in this order:
+    ``on_head``, ``on_body``*, then exactly one of ``on_complete`` or ``on_error``;
+    ``flush`` after each batch of bytes read from the socket."""
+
+    def on_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None: ...
+    def on_body(self, data: bytes) -> None: ...
+    def on_complete(self) -> None: ...
+    def on_error(self, error: GatewayError, stale: bool) -> None: ...
+    def flush(self) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One keep-alive connection to the upstream, carrying one request at a time."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.loop = pool.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.listener: Listener | None = None
+        self.on_write_pause: Callable[[bool], None] | None = None
+        self.idle_since = 0.0
+        self.requests = 0
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._status = 0
+        self._chunked_body = False
+        self._body_sent = False
+        self._head_only = False
+        self._got_bytes = False
+        self._until_close = False
+        self._informational = False
+        self._reusable = True
+        self._out: list[bytes] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_progress = 0.0
+        self._client_paused = False
+
+    # transport events
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._disarm()
+        self.pool.forget(self)
+        listener = self.listener
+        if listener is None:
+            return
+        if self._until_close and self._status:
+            self._complete()
+            return
+        stale = not self._got_bytes and self.requests > 1
+        self._fail(errors.upstream_disconnected(), stale)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too; connection_lost decides what it meant
+
+    def data_received(self, data: bytes) -> None:
+        listener = self.listener
+        if listener is None:
+            self.close()  # bytes on an idle connection: the upstream is confused
+            return
+        self._last_progress = self.loop.time()
+        if not self._got_bytes:
+            self._got_bytes = True
+            self._arm(self.pool.idle_timeout, self._idle_check)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._fail(errors.upstream_protocol_error(), stale=False)
+            return
+        if self.listener is not None:
+            listener.flush()
+
+    def pause_writing(self) -> None:
+        if self.on_write_pause is not None:
+            self.on_write_pause(True)
+
+    def resume_writing(self) -> None:
+        if self.on_write_pause is not None:
+            self.on_write_pause(False)
+
+    # parser callbacks
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            self._informational = True  # 100 Continue, 103 Early Hints: not relayed
+            return
+        self._status = status
+        self._reusable = self.parser.should_keep_alive()
+        headers = self._headers
+        if not self._head_only and status not in (204, 304):
+            self._until_close = not any(
+                n.lower() in (b"content-length", b"transfer-encoding") for n, _ in headers
+            )
+        assert self.listener is not None
+        self.listener.on_head(status, self._reason, headers)
+        if self._head_only and self.listener is not None:
+            self._reusable = False  # llhttp would wait for the body a HEAD answer never has
+            self._complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self.listener is not None:
+            self.listener.on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            self._reason = b""
+            self._headers = []
+            return
+        if self.listener is not None:
+            self._complete()
+
+    # the request
+
+    def start(self, head: bytes, listener: Listener, chunked: bool, head_only: bool) -> None:
+        """Begin a request: the head now (corked until :meth:`uncork`), the body via the sink."""
+        self.listener = listener
+        self.requests += 1
+        self._chunked_body = chunked
+        self._body_sent = False
+        self._head_only = head_only
+        self._got_bytes = False
+        self._until_close = False
+        self._status = 0
+        self._reason = b""
+        self._headers = []
+        self._out = [head]
+        self._arm(self.pool.read_timeout, self._read_timeout)
+
+    def uncork(self) -> None:
+        out, self._out = self._out, None
+        if out and self.transport is not None:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _write(self, data: bytes) -> None:
+        if self._out is not None:
+            self._out.append(data)
+        elif self.transport is not None:
+            self.transport.write(data)
+
+    def body(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._chunked_body:
+            self._write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            self._write(data)
+
+    def body_end(self) -> None:
+        if self._chunked_body:
+            self._write(b"0\r\n\r\n")
+        self._body_sent = True
+
+    def client_paused(self, paused: bool) -> None:
+        """The client's socket is full (or drained): stop (or resume) reading the upstream."""
+        if self.transport is None or paused == self._client_paused:
+            return
+        self._client_paused = paused
+        self._last_progress = self.loop.time()
+        if paused:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    def _complete(self) -> None:
+        listener, self.listener = self.listener, None
+        self._disarm()
+        self.on_write_pause = None
+        reusable = (
+            self._reusable and self._body_sent and not self._until_close and not self._client_paused
+        )
+        if listener is not None:
+            listener.on_complete()
+        if reusable and self.transport is not None:
+            self.pool.release(self)
+        else:
+            self.close()
+
+    def _fail(self, error: GatewayError, stale: bool) -> None:
+        listener, self.listener = self.listener, None
+        self.close()
+        if listener is not None:
+            listener.on_error(error, stale)
+
+    def abort(self) -> None:
+        """Drop the request and the connection at once (the client went away)."""
+        self.listener = None
+        self.close()
+
+    def close(self) -> None:
+        self._disarm()
+        self.pool.forget(self)
+        if self.transport is not None:
+            self.transport.abort()
+            self.transport = None
+
+    # deadlines
+
+    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(delay, callback)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _read_timeout(self) -> None:
+        self._timer = None
+        self._fail(errors.upstream_timeout(retry=False), stale=False)
+
+    def _idle_check(self) -> None:
+        self._timer = None
+        waited = self.loop.time() - self._last_progress
+        if waited < self.pool.idle_timeout:
+            self._arm(self.pool.idle_timeout - waited, self._idle_check)
+            return
+        self._fail(errors.stream_stalled(), stale=False)
+
+
+class Pool:
+    """Idle keep-alive connections to one upstream, most recently used first."""
+
+    def __init__(self, upstream: Upstream, config: Config, loop: asyncio.AbstractEventLoop) -> None:
+        self.upstream = upstream
+        self.loop = loop
+        self.size = config.pool_size
+        self.max_idle = config.pool_idle_timeout
+        self.connect_timeout = config.connect_timeout
+        self.read_timeout = config.read_timeout
+        self.idle_timeout = config.idle_timeout
+        self.idle: list[UpstreamConnection] = []
+        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if upstream.tls else None
+        self._sweeper = loop.call_later(self.max_idle, self._sweep)
+
+    def take(self) -> UpstreamConnection | None:
+        """An idle connection that is still open and fresh, or None."""
+        idle = self.idle
+        if not idle:
+            return None
+        now = self.loop.time()
+        while idle:
+            conn = idle.pop()
+            if conn.transport is not None and now - conn.idle_since < self.max_idle:
+                return conn
+            conn.close()
+        return None
+
+    async def connect(self) -> UpstreamConnection:
+        """A new connection; raises GatewayError 502 if it cannot be made in time."""
+        up = self.upstream
+        try:
+            _, conn = await asyncio.wait_for(
+                self.loop.create_connection(
+                    lambda: UpstreamConnection(self),
+                    up.host,
+                    up.port,
+                    ssl=self.ssl,
+                    server_hostname=up.host if self.ssl else None,
+                ),
+                self.connect_timeout,
+            )
+        except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+            log.warning("upstream connect failed: %s", type(exc).__name__)
+            raise errors.upstream_connect_error() from None
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        conn.idle_since = self.loop.time()
+        self.idle.append(conn)
+        if len(self.idle) > self.size:
+            self.idle.pop(0).close()
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        if conn in self.idle:
+            self.idle.remove(conn)
+
+    def _sweep(self) -> None:
+        cutoff = self.loop.time() - self.max_idle
+        for conn in [c for c in self.idle if c.idle_since <= cutoff]:
+            conn.close()
+        self._sweeper = self.loop.call_later(self.max_idle / 2, self._sweep)
+
+    def close(self) -> None:
+        self._sweeper.cancel()
+        for conn in list(self.idle):
+            conn.close()
