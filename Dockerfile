@@ -1,0 +1,9 @@
+FROM python:3.12-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY openai_forward ./openai_forward
+RUN pip install --no-cache-dir . && useradd --system --no-create-home gateway
+USER gateway
+EXPOSE 8000
+STOPSIGNAL SIGTERM
+CMD ["openai-forward", "run", "--host", "0.0.0.0", "--port", "8000"]
