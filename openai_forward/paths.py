@@ -8,6 +8,7 @@ encoded separators, so neither we nor an upstream that decodes once can climb ab
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote
 
 # Resource names of the OpenAI API. A client whose base URL lacks /v1 (old SDKs set
 # api_base to the host only) sends /chat/completions; it is forwarded as /v1/chat/completions.
@@ -37,9 +38,11 @@ OPENAI_RESOURCES = frozenset(
     }
 )
 
-# Separators or a percent sign hidden behind one more encoding: an upstream that decodes
-# twice would see a dot segment or a separator we never authorised.
-_REJECT = re.compile(r"%(?:2[fF]|5[cC]|00|25(?:2[eEfF]|5[cC]|00|25))|[\\\x00-\x20\x7f-\xff]")
+# Encoded separators and NUL: an upstream may decode them into structure we never saw.
+_REJECT = re.compile(r"%(?:2[fF]|5[cC]|00)|[\\\x00-\x20\x7f-\xff]")
+# The same, or an encoded dot, still present after one decoding: a double encoding
+# (%252e, %25%32%65, %2%65, ...) that an upstream decoding twice would turn into a dot segment.
+_ENCODED_SPECIAL = re.compile(r"%(?:2[eEfF]|5[cC]|00)")
 _DOT = re.compile(r"%2[eE]")
 
 
@@ -72,7 +75,9 @@ def canonicalize(path: str) -> str:
     """
     if _REJECT.search(path):
         raise PathError("the path contains an encoded separator or a forbidden character")
-    if "." not in path and "//" not in path:
+    if "%" in path and _ENCODED_SPECIAL.search(unquote(path)):
+        raise PathError("the path contains a double percent-encoding of a dot or a separator")
+    if "." not in path and "//" not in path and "%" not in path:
         return path or "/"
     out: list[str] = []
     segments = path.split("/")
