@@ -133,6 +133,7 @@ class ServerProtocol(asyncio.Protocol):
         self._in_head = False
         self._head_bytes = 0
         self._header_count = 0
+        self._header_bytes = 0
         self._url_size = 0
         self._timer: asyncio.TimerHandle | None = None
         self._last_rx = 0.0
@@ -174,17 +175,20 @@ class ServerProtocol(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             pass  # on_headers_complete already answered the upgrade request
         except httptools.HttpParserError as exc:
-            self._reject(GatewayError(400, "invalid_request", _parser_message(exc)))
+            cause = exc.__context__  # what a callback raised, if one did
+            if isinstance(cause, _Stop):
+                return
+            if not isinstance(cause, GatewayError):
+                cause = GatewayError(400, "invalid_request", _parser_message(exc))
+            self._reject(cause)
             return
-        except GatewayError as exc:
-            self._reject(exc)
-            return
-        if self._in_head and self._head_bytes > self.config.max_header_size + self._url_limit:
+        if self._in_head and self._head_bytes > self._head_limit:
             self._reject(_headers_too_large())
 
     @property
-    def _url_limit(self) -> int:
-        return self.config.max_request_line
+    def _head_limit(self) -> int:
+        """Bytes a head may take on the wire: request line, fields and their separators."""
+        return self.config.max_request_line + self.config.max_header_size + 4 * 1024
 
     def eof_received(self) -> bool | None:
         if self.active is None and self.req is None:
@@ -220,9 +224,12 @@ class ServerProtocol(asyncio.Protocol):
     # parser callbacks
 
     def on_message_begin(self) -> None:
+        if self._broken:
+            raise _Stop  # nothing after a refused request is read as a request
         self._in_head = True
         self._head_bytes = 0
         self._header_count = 0
+        self._header_bytes = 0
         self._url_size = 0
         self._host_seen = 0
         self._te = None
@@ -241,7 +248,13 @@ class ServerProtocol(asyncio.Protocol):
         req = self.req
         assert req is not None
         self._header_count += 1
-        if self._header_count > self.config.max_headers or len(name) + len(value) > 8192:
+        size = len(name) + len(value)
+        self._header_bytes += size + 4
+        if (
+            size > 8192
+            or self._header_count > self.config.max_headers
+            or self._header_bytes > self.config.max_header_size
+        ):
             raise _headers_too_large()
         lname = name.lower()
         if lname == b"host":
@@ -276,8 +289,8 @@ class ServerProtocol(asyncio.Protocol):
                     self._enqueue(req, ready)
                     return
         if error is not None:
-            self._enqueue(req, error.response(new_request_id(), close=True))
             self._stop_reading()
+            self._enqueue(req, error.response(new_request_id(), close=True), close=True)
             return
         if self.active is None and not self.queue:
             self._start(req)
@@ -291,9 +304,7 @@ class ServerProtocol(asyncio.Protocol):
         if req.method in _FORBIDDEN_METHODS:
             return GatewayError(405, "method_not_allowed", "This method is not allowed.")
         if self.parser.should_upgrade():
-            return GatewayError(
-                501, "not_implemented", "Protocol upgrades (WebSocket) are not supported yet."
-            )
+            return _not_implemented("Protocol upgrades (WebSocket) are not supported yet.")
         if req.version not in ("1.1", "1.0"):
             return GatewayError(400, "invalid_request", "Only HTTP/1.0 and HTTP/1.1 are supported.")
         if self._host_seen != 1 and (req.version == "1.1" or self._host_seen > 1):
@@ -303,9 +314,7 @@ class ServerProtocol(asyncio.Protocol):
             if req.version == "1.0":
                 return GatewayError(400, "invalid_request", "Transfer-Encoding needs HTTP/1.1.")
             if te != b"chunked":
-                return GatewayError(
-                    501, "not_implemented", "Only the chunked transfer coding is supported."
-                )
+                return _not_implemented("Only the chunked transfer coding is supported.")
             req.chunked = True
         else:
             req.content_length = _content_length(req.headers)
@@ -344,14 +353,14 @@ class ServerProtocol(asyncio.Protocol):
         self._disarm()
         self.task = self.loop.create_task(self.app.handle(req))
 
-    def _enqueue(self, req: Request, response: bytes) -> None:
+    def _enqueue(self, req: Request, response: bytes, close: bool = False) -> None:
         req.responded = True
         if not req.has_body:
             req.body_complete = True  # on_message_complete follows at once
         if self.active is None and not self.queue:
             self.active = req
             self.write(response)
-            self.finish(req, reusable=True)
+            self.finish(req, reusable=not close)
         else:
             self.queue.append(response)
             self._set_read_pause(2, True)
@@ -491,6 +500,14 @@ class ServerProtocol(asyncio.Protocol):
         self.closing = True
         if self.active is None and self.req is None and not self.queue:
             self._close()
+
+
+class _Stop(Exception):
+    """Raised from a parser callback to stop parsing a connection we are closing."""
+
+
+def _not_implemented(message: str) -> GatewayError:
+    return GatewayError(501, "not_implemented", message, type="invalid_request_error")
 
 
 def _headers_too_large() -> GatewayError:
