@@ -183,7 +183,7 @@ class Relay:
         req.on_lost = self.client_lost
         retried = False
         while True:
-            conn = proxy.pool.take()
+            conn = None if retried else proxy.pool.take()
             reused = conn is not None
             if conn is None:
                 conn = await proxy.pool.connect()

@@ -1,0 +1,115 @@
+"""Configuration: environment and flags, validation messages that name the key, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from openai_forward.config import Config, ConfigError, env_name, load, parse_base_url
+
+
+def test_defaults_match_the_seed_contract():
+    cfg = load({})
+    assert (cfg.host, cfg.port, cfg.workers) == ("0.0.0.0", 8000, 1)
+    assert cfg.base_url == "https://api.openai.com"
+    assert cfg.api_key == ""
+
+
+def test_environment_names_follow_the_prefix_rule_except_the_seed_two():
+    assert env_name("read_timeout") == "OPENAI_FORWARD_READ_TIMEOUT"
+    assert env_name("base_url") == "OPENAI_BASE_URL"
+    assert env_name("api_key") == "OPENAI_API_KEY"
+    cfg = load(
+        {
+            "OPENAI_BASE_URL": "http://127.0.0.1:9/openai/",
+            "OPENAI_API_KEY": "sk-abc",
+            "OPENAI_FORWARD_READ_TIMEOUT": "2.5",
+            "OPENAI_FORWARD_FORWARDED_FOR": "yes",
+            "OPENAI_FORWARD_MAX_BODY_SIZE": "1_000",
+        }
+    )
+    assert cfg.read_timeout == 2.5
+    assert cfg.forwarded_for is True
+    assert cfg.max_body_size == 1000
+    assert cfg.upstream.base_path == "/openai"
+    assert cfg.upstream.host_header == b"127.0.0.1:9"
+
+
+def test_flags_win_over_the_environment():
+    cfg = load({"OPENAI_FORWARD_PORT": "9000"}, {"port": "9999", "workers": "2", "host": None})
+    assert (cfg.port, cfg.workers, cfg.host) == (9999, 2, "0.0.0.0")
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"OPENAI_FORWARD_READ_TIMEOUT": "ten"}, "READ_TIMEOUT: 'ten' is not a number"),
+        ({"OPENAI_FORWARD_READ_TIMEOUT": "0"}, "read_timeout: 0.0 must be greater than zero"),
+        ({"OPENAI_FORWARD_READ_TIMEOUT": "nan"}, "is not a finite number"),
+        ({"OPENAI_FORWARD_PORT": "70000"}, "port: 70000 is not a TCP port"),
+        ({"OPENAI_FORWARD_WORKERS": "x"}, "OPENAI_FORWARD_WORKERS: 'x' is not a whole number"),
+        ({"OPENAI_FORWARD_FORWARDED_FOR": "maybe"}, "'maybe' is not a boolean"),
+        ({"OPENAI_BASE_URL": "htp://x"}, "base_url: 'htp://x' is not an http(s) URL"),
+        ({"OPENAI_BASE_URL": "https://u:p@x"}, "must not carry credentials"),
+        ({"OPENAI_BASE_URL": "https://x/a/../b"}, "has a path that is not plain"),
+        ({"OPENAI_FORWARD_HEALTH_PATH": "healthz"}, "health_path: 'healthz' must be a path"),
+        ({"OPENAI_FORWARD_LOG_LEVEL": "loud"}, "log_level: 'loud' is not one of"),
+        ({"OPENAI_API_KEY": "sk-a\nb"}, "api_key: contains a control character"),
+    ],
+)
+def test_bad_values_are_refused_with_a_message_naming_the_key(environ, message):
+    with pytest.raises(ConfigError) as info:
+        load(environ)
+    assert message in str(info.value)
+
+
+def test_ipv6_upstream_gets_a_bracketed_host_header():
+    up = parse_base_url("http://[::1]:8080")
+    assert (up.host, up.port, up.host_header) == ("::1", 8080, b"[::1]:8080")
+
+
+def test_masked_settings_never_show_the_key():
+    cfg = Config(api_key="sk-secret-value-123456")
+    assert cfg.masked()["api_key"] == "***"
+    assert "sk-secret" not in repr(cfg)
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI")}
+    return subprocess.run(
+        [sys.executable, "-m", "openai_forward", *args],
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+
+
+def test_check_prints_the_effective_configuration_with_the_key_masked():
+    out = _cli("check", env={"OPENAI_API_KEY": "sk-live-0123456789abcdef"})
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert shown["api_key"] == "***"
+    assert "0123456789" not in out.stdout + out.stderr
+
+
+def test_run_with_a_bad_setting_exits_non_zero_before_listening():
+    out = _cli("run", "--port", "0", env={"OPENAI_BASE_URL": "ftp://example"})
+    assert out.returncode == 2
+    assert "base_url: 'ftp://example' is not an http(s) URL" in out.stderr
+
+
+def test_both_seed_commands_are_installed():
+    bindir = Path(sys.executable).parent
+    for name in ("openai-forward", "openai_forward"):
+        exe = bindir / name
+        if not exe.exists():
+            pytest.skip(f"{name} is not installed next to {sys.executable} (pip install .)")
+        out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=20)
+        assert out.returncode == 0
+        assert out.stdout.startswith("openai-forward ")
