@@ -191,9 +191,10 @@ class ServerProtocol(asyncio.Protocol):
         return self.config.max_request_line + self.config.max_header_size + 4 * 1024
 
     def eof_received(self) -> bool | None:
-        if self.active is None and self.req is None:
-            return None  # close
-        return True  # half-close: finish the answer we are working on
+        # A client that closes its side has gone away, as far as we can tell: answering a
+        # half-closed connection would keep an upstream generation running for nobody
+        # (nginx treats it the same way). Closing runs connection_lost, which aborts it.
+        return None
 
     # flow control
 
