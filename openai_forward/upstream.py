@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
 import ssl
 from collections.abc import Callable
@@ -22,6 +23,9 @@ from .config import Config, Upstream
 from .errors import GatewayError
 
 log = logging.getLogger("openai_forward")
+
+# RFC 9112 §4: reason-phrase = *( HTAB / SP / VCHAR / obs-text )
+_BAD_REASON = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class Listener(Protocol):
@@ -122,7 +126,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
-        if 100 <= status < 200:
+        if not 100 <= status <= 599 or (self._reason and _BAD_REASON.search(self._reason)):
+            raise ValueError("invalid status line")  # fails the response as a protocol error
+        if status < 200:
             self._informational = True  # 100 Continue, 103 Early Hints: not relayed
             return
         self._status = status
