@@ -61,7 +61,7 @@ class Config:
     connect_timeout: float = 10.0
     read_timeout: float = 600.0
     idle_timeout: float = 300.0
-    pool_size: int = 256
+    pool_size: int = 1024
     pool_idle_timeout: float = 30.0
     forwarded_for: bool = False
     # client side

@@ -11,8 +11,8 @@ import asyncio
 import logging
 import socket
 from collections import deque
-from collections.abc import Callable, Coroutine
-from typing import Any, Protocol, cast
+from collections.abc import Callable
+from typing import Protocol, cast
 
 import httptools
 
@@ -23,6 +23,7 @@ log = logging.getLogger("openai_forward")
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _PENDING_HIGH = 256 * 1024  # body bytes held before a sink is attached, then reading pauses
+_REPLAY_MAX = 256 * 1024  # a body up to this size is kept until the response, for one retry
 _FORBIDDEN_METHODS = frozenset({b"CONNECT", b"TRACE", b"TRACK"})
 
 
@@ -37,7 +38,7 @@ class App(Protocol):
     """What the server protocol drives. ``begin`` runs at end of headers, synchronously."""
 
     def begin(self, req: Request) -> bytes | None: ...
-    def handle(self, req: Request) -> Coroutine[Any, Any, None]: ...
+    def handle(self, req: Request) -> None: ...
 
 
 class Request:
@@ -79,7 +80,7 @@ class Request:
         self.body_limit = 0
         self.body_bytes = 0
         self.body_complete = False
-        self.pending: list[bytes] = []
+        self.pending: list[bytes] | None = []
         self.sink: BodySink | None = None
         self.responded = False
         self.on_lost: Callable[[], None] | None = None
@@ -94,16 +95,17 @@ class Request:
         if self.expect_continue and not self.body_complete and not self.responded:
             self.expect_continue = False
             self.client.write(_CONTINUE)
-        if self.body_complete:
-            # kept: a body that is complete before the upstream is reached can be sent again
-            for data in self.pending:
-                sink.body(data)
-            sink.body_end()
-            return
-        pending, self.pending = self.pending, []
-        for data in pending:
+        for data in self.pending or ():
             sink.body(data)
-        self.client.body_flow(resume=True)
+        if self.body_complete:
+            sink.body_end()
+        else:
+            self.client.body_flow(resume=True)
+
+    @property
+    def replayable(self) -> bool:
+        """The whole body is still at hand: the request can be sent again."""
+        return self.body_complete and self.pending is not None
 
     def detach(self) -> None:
         """Stop feeding the sink (its upstream request failed); later bytes are dropped."""
@@ -124,7 +126,6 @@ class ServerProtocol(asyncio.Protocol):
         self.req: Request | None = None  # being parsed
         self.active: Request | None = None  # being answered
         self.queue: deque[Request | bytes] = deque()
-        self.task: asyncio.Task[None] | None = None
         self.closing = False  # close after the active response
         self.draining = False
         self.write_paused = False
@@ -136,6 +137,9 @@ class ServerProtocol(asyncio.Protocol):
         self._header_bytes = 0
         self._url_size = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._due = 0.0
+        self._on_due: Callable[[], None] | None = None
         self._last_rx = 0.0
         self._host_seen = 0
         self._te: bytes | None = None
@@ -156,7 +160,7 @@ class ServerProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.connections.discard(self)
         self.transport = None
-        self._disarm()
+        self._cancel_timer()
         for req in (self.active, self.req):
             if req is not None and req.on_lost is not None:
                 callback, req.on_lost = req.on_lost, None
@@ -328,10 +332,16 @@ class ServerProtocol(asyncio.Protocol):
         if req.body_bytes > req.body_limit:
             raise _body_too_large()
         sink = req.sink
+        pending = req.pending
         if sink is not None:
             sink.body(body)
-        elif not req.responded:
-            req.pending.append(body)
+            if pending is not None:  # kept while small, so a stale connection can be retried
+                if req.body_bytes <= _REPLAY_MAX:
+                    pending.append(body)
+                else:
+                    req.pending = None
+        elif pending is not None and not req.responded:
+            pending.append(body)
             if req.body_bytes > _PENDING_HIGH:
                 self.body_flow(resume=False)
 
@@ -352,7 +362,7 @@ class ServerProtocol(asyncio.Protocol):
     def _start(self, req: Request) -> None:
         self.active = req
         self._disarm()
-        self.task = self.loop.create_task(self.app.handle(req))
+        self.app.handle(req)
 
     def _enqueue(self, req: Request, response: bytes, close: bool = False) -> None:
         req.responded = True
@@ -375,7 +385,6 @@ class ServerProtocol(asyncio.Protocol):
         if req is not self.active:
             return
         self.active = None
-        self.task = None
         self.on_write_pause = None
         req.on_lost = None
         if self.transport is None:
@@ -413,7 +422,7 @@ class ServerProtocol(asyncio.Protocol):
 
     def _close(self) -> None:
         self._broken = True
-        self._disarm()
+        self._cancel_timer()
         if self.transport is not None:
             self.transport.close()
 
@@ -437,8 +446,6 @@ class ServerProtocol(asyncio.Protocol):
                 callback()
             if req is self.active and not req.responded:
                 req.responded = True
-                if self.task is not None:
-                    self.task.cancel()
                 self.write(error.response(new_request_id(), close=True))
                 self._close()
             else:
@@ -453,18 +460,42 @@ class ServerProtocol(asyncio.Protocol):
 
     # deadlines
 
+    # One timer per connection, moved lazily: a later deadline keeps the timer that is already
+    # set and is re-armed when it fires, so a keep-alive request costs one timer, not three.
+
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:
+        due = self.loop.time() + delay
+        self._due = due
+        self._on_due = callback
         if self._timer is not None:
+            if self._timer_at <= due:
+                return
             self._timer.cancel()
-        self._timer = self.loop.call_later(delay, callback)
+        self._timer_at = due
+        self._timer = self.loop.call_at(due, self._tick)
 
     def _disarm(self) -> None:
+        self._on_due = None
+
+    def _cancel_timer(self) -> None:
+        self._on_due = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _head_timeout(self) -> None:
+    def _tick(self) -> None:
         self._timer = None
+        callback = self._on_due
+        if callback is None or self.transport is None:
+            return
+        if self.loop.time() < self._due:
+            self._timer_at = self._due
+            self._timer = self.loop.call_at(self._due, self._tick)
+            return
+        self._on_due = None
+        callback()
+
+    def _head_timeout(self) -> None:
         if self.active is not None:
             return
         if self.req is None and not self._in_head:
@@ -477,12 +508,10 @@ class ServerProtocol(asyncio.Protocol):
         self._close()
 
     def _idle_timeout(self) -> None:
-        self._timer = None
         if self.active is None and self.req is None:
             self._close()
 
     def _body_timeout(self) -> None:
-        self._timer = None
         req = self.req
         if req is None or req.body_complete or self.transport is None:
             return

@@ -133,22 +133,22 @@ class Proxy:
         lines.append(b"\r\n")
         return b"\r\n".join(lines)
 
-    # the forwarding task
+    # forwarding
 
-    async def handle(self, req: Request) -> None:
+    def handle(self, req: Request) -> None:
+        """Forward ``req``. With a pooled connection at hand the request goes out now, in
+        this callback; otherwise a task opens a connection first. Never raises."""
         relay = Relay(self, req)
+        req.on_lost = relay.client_lost
         try:
-            await relay.run()
-        except GatewayError as exc:
-            relay.fail_before_response(exc)
-        except asyncio.CancelledError:
-            relay.abandon()
+            relay.head = self.request_head(req)
+            conn = self.pool.take()
+            if conn is not None:
+                relay.start(conn, reused=True)
+            else:
+                relay.task = self.loop.create_task(relay.connect())
         except Exception:
-            log.exception("internal error while forwarding %s", req.path)
-            relay.abandon()
-            relay.fail_before_response(
-                GatewayError(500, "internal_error", "The gateway failed to handle the request.")
-            )
+            relay.internal_error()
 
 
 class Relay:
@@ -158,54 +158,63 @@ class Relay:
         "chunked",
         "client",
         "conn",
-        "done",
+        "head",
         "keep_client",
         "out",
         "proxy",
         "req",
+        "retried",
+        "reused",
         "sse",
+        "task",
     )
 
     def __init__(self, proxy: Proxy, req: Request) -> None:
         self.proxy = proxy
         self.req = req
         self.client = req.client
+        self.head = b""
         self.conn: UpstreamConnection | None = None
-        self.done: asyncio.Future[None] | None = None
+        self.task: asyncio.Task[None] | None = None
         self.out: list[bytes] = []
         self.chunked = False
         self.sse = False
         self.keep_client = True
+        self.reused = False
+        self.retried = False
 
-    async def run(self) -> None:
-        proxy, req = self.proxy, self.req
-        head = proxy.request_head(req)
-        req.on_lost = self.client_lost
-        retried = False
-        while True:
-            conn = None if retried else proxy.pool.take()
-            reused = conn is not None
-            if conn is None:
-                conn = await proxy.pool.connect()
-                if self.client.transport is None:  # the client left while we connected
-                    proxy.pool.release(conn)
-                    return
-            self.conn = conn
-            self.done = done = proxy.loop.create_future()
-            self.client.on_write_pause = conn.client_paused
-            conn.on_write_pause = self._upstream_write_pause
-            conn.start(head, self, req.chunked, req.method == b"HEAD")
-            req.attach(conn)
-            conn.uncork()
-            try:
-                await done
-                return
-            except _Stale:
-                req.detach()
-                if retried or not reused or not req.body_complete:
-                    raise errors.upstream_disconnected() from None
-                retried = True
-                log.info("retrying on a new connection after a stale pooled one")
+    def start(self, conn: UpstreamConnection, reused: bool) -> None:
+        """Send the head and whatever body has arrived; the rest streams as it comes."""
+        req = self.req
+        self.conn = conn
+        self.reused = reused
+        self.client.on_write_pause = conn.client_paused
+        conn.on_write_pause = self._upstream_write_pause
+        conn.start(self.head, self, req.chunked, req.method == b"HEAD")
+        req.attach(conn)
+        conn.uncork()
+
+    async def connect(self) -> None:
+        """Open a new upstream connection, then start; errors become the response."""
+        try:
+            conn = await self.proxy.pool.connect()
+        except GatewayError as exc:
+            self.task = None
+            self.fail_before_response(exc)
+            return
+        except asyncio.CancelledError:
+            return
+        except Exception:
+            self.internal_error()
+            return
+        self.task = None
+        if self.client.transport is None:  # the client left while we connected
+            self.proxy.pool.release(conn)
+            return
+        try:
+            self.start(conn, reused=False)
+        except Exception:
+            self.internal_error()
 
     def _upstream_write_pause(self, paused: bool) -> None:
         if not self.req.body_complete:
@@ -268,45 +277,50 @@ class Relay:
         self.flush()
         self.req.on_lost = None
         self.client.finish(self.req, reusable=self.keep_client)
-        self._resolve()
 
     def on_error(self, error: GatewayError, stale: bool) -> None:
-        done = self.done
-        if not self.req.responded:
-            if done is not None and not done.done():
-                done.set_exception(_Stale() if stale else error)
+        req = self.req
+        if not req.responded:
+            if stale and self.reused and not self.retried and req.replayable:
+                # the upstream had closed this pooled connection while it was idle
+                self.retried = True
+                req.detach()
+                log.info("retrying on a new connection after a stale pooled one")
+                self.task = self.proxy.loop.create_task(self.connect())
+            else:
+                self.fail_before_response(error)
             return
         self.flush()
-        self.req.on_lost = None
+        req.on_lost = None
         log.warning("upstream failed mid-response: %s", error.code)
         if self.sse and self.chunked:
             event = error.sse_event()
             self.client.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(event), event))
-            self.client.finish(self.req, reusable=False)
         else:
             self.client.abort()
-            self.client.finish(self.req, reusable=False)
-        self._resolve()
-
-    def _resolve(self) -> None:
-        if self.done is not None and not self.done.done():
-            self.done.set_result(None)
+        self.client.finish(req, reusable=False)
 
     # the client side
 
     def client_lost(self) -> None:
         """The client went away: drop the upstream request now; it is not the upstream's fault."""
-        if self.conn is not None:
-            self.conn.abort()
-        self._resolve()
-
-    def abandon(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
         if self.conn is not None and self.conn.listener is self:
             self.conn.abort()
+
+    def internal_error(self) -> None:
+        log.exception("internal error while forwarding %s", self.req.path)
+        self.client_lost()
+        self.fail_before_response(
+            GatewayError(500, "internal_error", "The gateway failed to handle the request.")
+        )
 
     def fail_before_response(self, error: GatewayError) -> None:
         req = self.req
         req.on_lost = None
+        req.detach()
         if req.responded:
             self.client.abort()
             self.client.finish(req, reusable=False)
@@ -316,10 +330,6 @@ class Relay:
         head_only = req.method == b"HEAD"
         self.client.write(error.response(new_request_id(), close=close, head_only=head_only))
         self.client.finish(req, reusable=not close)
-
-
-class _Stale(Exception):
-    """A reused connection closed before any response byte: safe to try once more."""
 
 
 def _health_response(req: Request) -> bytes:

@@ -64,6 +64,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._reusable = True
         self._out: list[bytes] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._started = 0.0
         self._last_progress = 0.0
         self._client_paused = False
 
@@ -97,9 +99,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()  # bytes on an idle connection: the upstream is confused
             return
         self._last_progress = self.loop.time()
-        if not self._got_bytes:
-            self._got_bytes = True
-            self._arm(self.pool.idle_timeout, self._idle_check)
+        self._got_bytes = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
@@ -172,7 +172,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason = b""
         self._headers = []
         self._out = [head]
-        self._arm(self.pool.read_timeout, self._read_timeout)
+        self._started = self._last_progress = self.loop.time()
+        self._watch()
 
     def uncork(self) -> None:
         out, self._out = self._out, None
@@ -211,7 +212,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _complete(self) -> None:
         listener, self.listener = self.listener, None
-        self._disarm()
         self.on_write_pause = None
         reusable = (
             self._reusable and self._body_sent and not self._until_close and not self._client_paused
@@ -243,27 +243,41 @@ class UpstreamConnection(asyncio.Protocol):
 
     # deadlines
 
-    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
+    # One timer per connection, checked against timestamps when it fires: while a request
+    # waits for its first byte the limit is read_timeout, after it idle_timeout since the
+    # last byte. A timer still pending from the previous request is reused as it is.
+
+    def _watch(self) -> None:
+        due = self._started + self.pool.tick
         if self._timer is not None:
+            if self._timer_at <= due:
+                return
             self._timer.cancel()
-        self._timer = self.loop.call_later(delay, callback)
+        self._timer_at = due
+        self._timer = self.loop.call_at(due, self._tick)
 
     def _disarm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _read_timeout(self) -> None:
+    def _tick(self) -> None:
         self._timer = None
-        self._fail(errors.upstream_timeout(retry=False), stale=False)
-
-    def _idle_check(self) -> None:
-        self._timer = None
-        waited = self.loop.time() - self._last_progress
-        if waited < self.pool.idle_timeout:
-            self._arm(self.pool.idle_timeout - waited, self._idle_check)
+        if self.listener is None:
             return
-        self._fail(errors.stream_stalled(), stale=False)
+        now = self.loop.time()
+        if self._got_bytes:
+            limit, waited = self.pool.idle_timeout, now - self._last_progress
+        else:
+            limit, waited = self.pool.read_timeout, now - self._started
+        if waited >= limit:
+            if self._got_bytes:
+                self._fail(errors.stream_stalled(), stale=False)
+            else:
+                self._fail(errors.upstream_timeout(retry=False), stale=False)
+            return
+        self._timer_at = now + min(limit - waited, self.pool.tick)
+        self._timer = self.loop.call_at(self._timer_at, self._tick)
 
 
 class Pool:
@@ -277,6 +291,7 @@ class Pool:
         self.connect_timeout = config.connect_timeout
         self.read_timeout = config.read_timeout
         self.idle_timeout = config.idle_timeout
+        self.tick = min(config.read_timeout, config.idle_timeout)
         self.idle: list[UpstreamConnection] = []
         self.ssl: ssl.SSLContext | None = ssl.create_default_context() if upstream.tls else None
         self._sweeper = loop.call_later(self.max_idle, self._sweep)
