@@ -1,0 +1,120 @@
+"""Processes: Ctrl-C stops every worker, SIGTERM drains in-flight streams, dead workers return."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+from conftest import REPO, free_port
+from fakeupstream import Reply, sse
+
+SSE_HEADERS = [("Content-Type", "text/event-stream")]
+
+
+def _children(pid: int, n: int, timeout: float = 10.0) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout
+    while True:
+        kids = psutil.Process(pid).children()
+        if len(kids) == n or time.monotonic() > deadline:
+            assert len(kids) == n, kids
+            return kids
+        time.sleep(0.02)  # polling: fork gives no event to wait on
+
+
+def _wait_ready(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)  # polling: the process offers no readiness event
+    raise AssertionError("gateway did not become ready")
+
+
+def test_ctrl_c_to_the_process_group_stops_every_worker(upstream):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    env["OPENAI_BASE_URL"] = upstream.url
+    cmd = [sys.executable, "-m", "openai_forward", "run", "--host", "127.0.0.1"]
+    proc = subprocess.Popen(
+        [*cmd, "--port", str(port), "--workers", "2"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    try:
+        _wait_ready(port)
+        workers = _children(proc.pid, 2)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does
+        assert proc.wait(15) == 0
+        _, alive = psutil.wait_procs(workers, timeout=5)
+        assert alive == []
+        assert b"Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        proc.stderr.close()
+
+
+def test_sigterm_lets_an_in_flight_stream_finish_and_refuses_new_connections(
+    gateway_factory, upstream
+):
+    events = [{"n": i} for i in range(6)]
+    upstream.script(
+        "POST",
+        "/v1/chat/completions",
+        Reply(headers=SSE_HEADERS, chunks=sse(events), chunk_delay=0.2),
+    )
+    gw = gateway_factory(upstream.url)
+    received: list[str] = []
+    first = threading.Event()
+
+    def consume() -> None:
+        with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json={}, timeout=10) as resp:
+            for line in resp.iter_lines():
+                if line:
+                    received.append(line)
+                    first.set()
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    assert first.wait(5)
+    gw.proc.send_signal(signal.SIGTERM)
+    reader.join(10)
+    assert not reader.is_alive()
+    assert received == [f'data: {{"n":{i}}}' for i in range(6)] + ["data: [DONE]"]
+    assert gw.proc.wait(10) == 0
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", gw.port), timeout=2):
+        pass
+    assert "Traceback" not in gw.output()
+
+
+def test_a_worker_that_dies_is_replaced(gateway_factory, upstream):
+    gw = gateway_factory(upstream.url, workers=2)
+    first, second = _children(gw.proc.pid, 2)
+    first.kill()
+    psutil.wait_procs([first], timeout=5)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pids = {p.pid for p in psutil.Process(gw.proc.pid).children()}
+        if len(pids) == 2 and first.pid not in pids:
+            break
+        time.sleep(0.05)  # polling: the supervisor's fork gives no event to wait on
+    assert len(pids) == 2 and second.pid in pids and first.pid not in pids
+    for _ in range(10):
+        with httpx.Client(timeout=5) as client:
+            assert client.get(f"{gw.url}/v1/models").status_code == 200
+    assert gw.stop() == 0
