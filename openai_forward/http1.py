@@ -143,7 +143,8 @@ class ServerProtocol(asyncio.Protocol):
         self._last_rx = 0.0
         self._host_seen = 0
         self._te: bytes | None = None
-        self._broken = False
+        self._broken = False  # stop reading: no more requests on this connection
+        self._closed = False
 
     # connection lifecycle
 
@@ -394,7 +395,7 @@ class ServerProtocol(asyncio.Protocol):
             or not req.keep_alive
             or not req.body_complete
             or self.closing
-            or self._broken
+            or self._closed
         ):
             self._close()
             return
@@ -408,6 +409,9 @@ class ServerProtocol(asyncio.Protocol):
                 self._set_read_pause(2, False)
             self._start(item)
             return
+        if self._broken:  # reading stopped after a refused request: nothing more will come
+            self._close()
+            return
         self._set_read_pause(2, False)
         if self.req is None:
             self._arm(self.config.keepalive_timeout, self._idle_timeout)
@@ -416,12 +420,12 @@ class ServerProtocol(asyncio.Protocol):
 
     def abort(self) -> None:
         """Drop the connection at once (a response that cannot be completed)."""
-        self._broken = True
+        self._broken = self._closed = True
         if self.transport is not None:
             self.transport.abort()
 
     def _close(self) -> None:
-        self._broken = True
+        self._broken = self._closed = True
         self._cancel_timer()
         if self.transport is not None:
             self.transport.close()
@@ -436,22 +440,21 @@ class ServerProtocol(asyncio.Protocol):
         self._stop_reading()
         req = self.req
         self.req = None
-        if req is not None and (req is self.active or req in self.queue):
-            # headers were accepted and the request is being forwarded: its body went wrong
-            if req is self.active and req.on_lost is not None:
-                if req.responded:
-                    self.abort()
-                    return
-                callback, req.on_lost = req.on_lost, None
-                callback()
-            if req is self.active and not req.responded:
-                req.responded = True
-                self.write(error.response(new_request_id(), close=True))
-                self._close()
-            else:
-                self.abort()
-            return
         response = error.response(new_request_id(), close=True)
+        if req is not None and req is self.active:
+            # the request is being forwarded and its body went wrong
+            if req.on_lost is not None:
+                callback, req.on_lost = req.on_lost, None
+                callback()  # drops the upstream request
+            if req.responded:
+                self.abort()  # the response began: it cannot be completed
+            else:
+                req.responded = True
+                self.write(response)
+                self._close()
+            return
+        if req is not None and req in self.queue:
+            self.queue.remove(req)  # pipelined behind the active one: answered in its turn
         if self.active is None and not self.queue:
             self.write(response)
             self._close()

@@ -193,6 +193,8 @@ class Relay:
         conn.start(self.head, self, req.chunked, req.method == b"HEAD")
         req.attach(conn)
         conn.uncork()
+        if self.client.write_paused:  # still full from the previous response
+            conn.client_paused(True)
 
     async def connect(self) -> None:
         """Open a new upstream connection, then start; errors become the response."""

@@ -118,3 +118,24 @@ def test_a_worker_that_dies_is_replaced(gateway_factory, upstream):
         with httpx.Client(timeout=5) as client:
             assert client.get(f"{gw.url}/v1/models").status_code == 200
     assert gw.stop() == 0
+
+
+def test_a_bad_request_pipelined_behind_a_stream_waits_for_the_stream_to_finish(gateway, upstream):
+    from rawhttp import RawConn, request
+
+    events = [{"n": i} for i in range(3)]
+    upstream.script(
+        "POST", "/v1/x-slow", Reply(headers=SSE_HEADERS, chunks=sse(events), chunk_delay=0.1)
+    )
+    good = request("POST", "/v1/x-slow", [("Content-Type", "application/json")], body=b"{}")
+    bad = b"GET /v1/models HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"
+    with RawConn(gateway.port) as conn:
+        conn.send(good + bad)
+        first = conn.read_response(method="POST")
+        assert first.status == 200
+        assert first.body.count(b"data: ") == 4  # the whole stream, not cut by the error
+        second = conn.read_response()
+        assert second.status == 400
+        assert second.json()["error"]["code"] == "invalid_request"
+        assert conn.is_closed(2.0)
+    assert [r.path for r in upstream.requests] == ["/v1/x-slow"]
