@@ -18,6 +18,7 @@ import httptools
 
 from .config import Config
 from .errors import GatewayError, new_request_id
+from .timer import LazyTimer
 
 log = logging.getLogger("openai_forward")
 
@@ -136,8 +137,7 @@ class ServerProtocol(asyncio.Protocol):
         self._header_count = 0
         self._header_bytes = 0
         self._url_size = 0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        self._timer = LazyTimer(self.loop, self._tick)
         self._due = 0.0
         self._on_due: Callable[[], None] | None = None
         self._last_rx = 0.0
@@ -467,33 +467,23 @@ class ServerProtocol(asyncio.Protocol):
     # set and is re-armed when it fires, so a keep-alive request costs one timer, not three.
 
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:
-        due = self.loop.time() + delay
-        self._due = due
+        self._due = self.loop.time() + delay
         self._on_due = callback
-        if self._timer is not None:
-            if self._timer_at <= due:
-                return
-            self._timer.cancel()
-        self._timer_at = due
-        self._timer = self.loop.call_at(due, self._tick)
+        self._timer.ensure(self._due)
 
     def _disarm(self) -> None:
         self._on_due = None
 
     def _cancel_timer(self) -> None:
         self._on_due = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timer.cancel()
 
     def _tick(self) -> None:
-        self._timer = None
         callback = self._on_due
         if callback is None or self.transport is None:
             return
         if self.loop.time() < self._due:
-            self._timer_at = self._due
-            self._timer = self.loop.call_at(self._due, self._tick)
+            self._timer.ensure(self._due)
             return
         self._on_due = None
         callback()

@@ -21,6 +21,7 @@ import httptools
 from . import errors
 from .config import Config, Upstream
 from .errors import GatewayError
+from .timer import LazyTimer
 
 log = logging.getLogger("openai_forward")
 
@@ -63,8 +64,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._informational = False
         self._reusable = True
         self._out: list[bytes] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        self._timer = LazyTimer(self.loop, self._tick)
         self._started = 0.0
         self._last_progress = 0.0
         self._client_paused = False
@@ -79,7 +79,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        self._disarm()
+        self._timer.cancel()
         self.pool.forget(self)
         listener = self.listener
         if listener is None:
@@ -173,7 +173,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers = []
         self._out = [head]
         self._started = self._last_progress = self.loop.time()
-        self._watch()
+        self._timer.ensure(self._started + self.pool.tick)
 
     def uncork(self) -> None:
         out, self._out = self._out, None
@@ -235,7 +235,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.close()
 
     def close(self) -> None:
-        self._disarm()
+        self._timer.cancel()
         self.pool.forget(self)
         if self.transport is not None:
             self.transport.abort()
@@ -247,22 +247,7 @@ class UpstreamConnection(asyncio.Protocol):
     # waits for its first byte the limit is read_timeout, after it idle_timeout since the
     # last byte. A timer still pending from the previous request is reused as it is.
 
-    def _watch(self) -> None:
-        due = self._started + self.pool.tick
-        if self._timer is not None:
-            if self._timer_at <= due:
-                return
-            self._timer.cancel()
-        self._timer_at = due
-        self._timer = self.loop.call_at(due, self._tick)
-
-    def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
     def _tick(self) -> None:
-        self._timer = None
         if self.listener is None:
             return
         now = self.loop.time()
@@ -276,8 +261,7 @@ class UpstreamConnection(asyncio.Protocol):
             else:
                 self._fail(errors.upstream_timeout(retry=False), stale=False)
             return
-        self._timer_at = now + min(limit - waited, self.pool.tick)
-        self._timer = self.loop.call_at(self._timer_at, self._tick)
+        self._timer.ensure(now + min(limit - waited, self.pool.tick))
 
 
 class Pool:

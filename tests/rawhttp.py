@@ -325,3 +325,22 @@ def exchange(port: int, data: bytes, timeout: float = 5.0, method: str = "GET") 
     with RawConn(port, timeout=timeout) as c:
         c.send(data)
         return c.read_response(method)
+
+
+def mutate(draw: Any, seed: bytes, pieces: list[bytes], start: int = 0) -> bytes:
+    """1-3 random edits (insert, replace or delete a piece) after byte ``start`` of ``seed``;
+    ``draw`` is a hypothesis draw function."""
+    from hypothesis import strategies as st
+
+    data = bytearray(seed)
+    for _ in range(draw(st.integers(1, 3))):
+        pos = draw(st.integers(start, len(data)))
+        op = draw(st.sampled_from(["insert", "replace", "delete"]))
+        piece = draw(st.sampled_from(pieces))
+        if op == "insert":
+            data[pos:pos] = piece
+        elif op == "replace":
+            data[pos : pos + len(piece)] = piece
+        else:
+            del data[pos : pos + draw(st.integers(1, 4))]
+    return bytes(data)

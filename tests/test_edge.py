@@ -18,7 +18,7 @@ from conftest import DEFAULT_API_KEY, assert_no_secret, start_gateway
 from fakeupstream import FakeUpstream
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rawhttp import RawClosed, RawConn, RawResponse, RawTimeout, exchange, request
+from rawhttp import RawClosed, RawConn, RawResponse, RawTimeout, exchange, mutate, request
 
 CHAT = "/v1/chat/completions"
 CHAT_BODY = json.dumps(
@@ -762,18 +762,7 @@ _INSERTS = [
 
 @st.composite
 def _mutated_requests(draw) -> bytes:
-    data = bytearray(draw(st.sampled_from(_SEEDS)))
-    for _ in range(draw(st.integers(1, 3))):
-        pos = draw(st.integers(0, len(data)))
-        op = draw(st.sampled_from(["insert", "replace", "delete"]))
-        piece = draw(st.sampled_from(_INSERTS))
-        if op == "insert":
-            data[pos:pos] = piece
-        elif op == "replace":
-            data[pos : pos + len(piece)] = piece
-        else:
-            del data[pos : pos + draw(st.integers(1, 4))]
-    return bytes(data)
+    return mutate(draw, draw(st.sampled_from(_SEEDS)), _INSERTS)
 
 
 def _read_all_responses(c: RawConn) -> list[RawResponse]:

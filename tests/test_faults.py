@@ -21,7 +21,7 @@ from conftest import DEFAULT_API_KEY, assert_no_secret, free_port, start_gateway
 from fakeupstream import FakeUpstream, Recorded, Reply, sse_event
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rawhttp import RawClosed, RawConn, RawResponse, RawTimeout, exchange, request
+from rawhttp import RawClosed, RawConn, RawResponse, RawTimeout, exchange, mutate, request
 
 CHAT = "/v1/chat/completions"
 JSON_CT = [("content-type", "application/json")]
@@ -570,20 +570,9 @@ _UP_INSERTS = [b"\r", b"\n", b"\r\n", b"\x00", b" ", b":", b"0", b"f", b"-", b"\
 
 @st.composite
 def _mutated_responses(draw) -> bytes:
-    data = bytearray(draw(st.sampled_from(_GOOD_RESPONSES)))
+    data = draw(st.sampled_from(_GOOD_RESPONSES))
     # the status line has its own deterministic test (BAD_STATUS_LINES); mutate what follows
-    first = data.index(b"\r\n") + 2
-    for _ in range(draw(st.integers(1, 3))):
-        pos = draw(st.integers(first, len(data)))
-        op = draw(st.sampled_from(["insert", "replace", "delete"]))
-        piece = draw(st.sampled_from(_UP_INSERTS))
-        if op == "insert":
-            data[pos:pos] = piece
-        elif op == "replace":
-            data[pos : pos + len(piece)] = piece
-        else:
-            del data[pos : pos + draw(st.integers(1, 4))]
-    return bytes(data)
+    return mutate(draw, data, _UP_INSERTS, start=data.index(b"\r\n") + 2)
 
 
 @settings(
