@@ -1,11 +1,12 @@
 """The request path, top to bottom.
 
 ``Proxy.begin`` runs when a request head is complete: it makes the path canonical, answers
-the health check and sets the body limit. ``Proxy.handle`` then forwards the request: it
-takes a pooled upstream connection (or opens one), writes the filtered head, attaches the
-streaming body and waits for the :class:`Relay` to finish. The relay copies the response to
-the client from inside the upstream parser's callbacks, so a chunk reaches the client in the
-same loop iteration it arrived in.
+the health check and sets the body limit. ``Proxy.handle`` then forwards the request, still
+inside the same parser callback when a pooled upstream connection is idle (a task only opens
+new connections): it writes the filtered head and attaches the streaming body. From there a
+:class:`Relay` copies the response to the client from inside the upstream parser's
+callbacks, so a chunk reaches the client in the same loop iteration it arrived in, and the
+relay's last callback hands the client connection back for its next request.
 """
 
 from __future__ import annotations
