@@ -10,7 +10,9 @@ Nothing here runs at import time; :func:`load` reads the environment it is given
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -20,9 +22,6 @@ ENV_PREFIX = "OPENAI_FORWARD_"
 
 # Settings whose environment name does not follow the prefix rule (the seed's contract).
 ENV_ALIASES = {"base_url": "OPENAI_BASE_URL", "api_key": "OPENAI_API_KEY"}
-
-SECRET_KEYS = frozenset({"api_key"})
-
 
 class ConfigError(ValueError):
     """A setting has a value the gateway cannot use; the message names the key."""
@@ -46,6 +45,34 @@ class Upstream:
         default = 443 if self.tls else 80
         host = f"[{self.host}]" if ":" in self.host else self.host
         return (host if self.port == default else f"{host}:{self.port}").encode("ascii")
+
+
+AUTH_SCHEMES = ("bearer", "api-key", "x-api-key")
+UPSTREAM_TYPES = ("openai", "general")
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """One entry of ``upstreams:``: where a route's requests go and with which key."""
+
+    name: str
+    base_url: str
+    route: str = "/"
+    type: str = "openai"
+    api_key: str = field(default="", repr=False)
+    keys: tuple[str, ...] = field(default=(), repr=False)
+    auth: str = "bearer"
+    models: tuple[str, ...] = ()
+    fallbacks: tuple[str, ...] = ()
+    proxy: str = field(default="", repr=False)
+
+    @property
+    def upstream(self) -> Upstream:
+        return parse_base_url(self.base_url)
+
+    @property
+    def all_keys(self) -> tuple[str, ...]:
+        return ((self.api_key,) if self.api_key else ()) + self.keys
 
 
 @dataclass(frozen=True)
@@ -76,18 +103,38 @@ class Config:
     health_path: str = "/healthz"
     shutdown_timeout: float = 30.0
     log_level: str = "info"
+    max_fallbacks: int = 1
+    proxy: str = field(default="", repr=False)
+    upstreams: tuple[UpstreamConfig, ...] = ()
 
     @property
     def upstream(self) -> Upstream:
         return parse_base_url(self.base_url)
 
+    @property
+    def routes(self) -> tuple[UpstreamConfig, ...]:
+        """The configured upstreams, or the one that OPENAI_BASE_URL/OPENAI_API_KEY describe."""
+        if self.upstreams:
+            return self.upstreams
+        return (UpstreamConfig(name="default", base_url=self.base_url, api_key=self.api_key),)
+
     def masked(self) -> dict[str, Any]:
         """The settings as a dict with every secret replaced by a fixed mask."""
         out = dataclasses.asdict(self)
-        for key in SECRET_KEYS:
-            if out[key]:
-                out[key] = "***"
+        for entry in [out, *out["upstreams"]]:
+            for key in ("api_key", "proxy"):
+                if entry.get(key):
+                    entry[key] = _mask_url(entry[key]) if key == "proxy" else "***"
+            if entry.get("keys"):
+                entry["keys"] = ["***"] * len(entry["keys"])
         return out
+
+
+def _mask_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return url.replace(":" + parts.password + "@", ":***@", 1)
 
 
 def parse_base_url(url: str, key: str = "base_url") -> Upstream:
@@ -138,7 +185,7 @@ def _validate(cfg: Config) -> None:
     cfg_dict = dataclasses.asdict(cfg)
     for f in fields(cfg):
         value = cfg_dict[f.name]
-        if f.type in ("float", "int") and value <= 0 and f.name != "port":
+        if f.type in ("float", "int") and value <= 0 and f.name not in ("port", "max_fallbacks"):
             raise ConfigError(f"{f.name}: {value!r} must be greater than zero")
     if not 0 <= cfg.port <= 65535:
         raise ConfigError(f"port: {cfg.port!r} is not a TCP port (0-65535)")
@@ -150,6 +197,12 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"log_level: {cfg.log_level!r} is not one of debug, info, warning, error")
     if any(c in cfg.api_key for c in "\r\n\0"):
         raise ConfigError("api_key: contains a control character")
+    if cfg.max_fallbacks < 0:
+        raise ConfigError(f"max_fallbacks: {cfg.max_fallbacks!r} must be 0 or more")
+    if cfg.proxy:
+        from .outbound import parse_proxy_url
+
+        parse_proxy_url(cfg.proxy, "proxy")
     parse_base_url(cfg.base_url)
 
 
@@ -158,22 +211,184 @@ def env_name(key: str) -> str:
     return ENV_ALIASES.get(key, ENV_PREFIX + key.upper())
 
 
-def load(environ: Mapping[str, str], overrides: Mapping[str, Any] | None = None) -> Config:
-    """Build the configuration from ``environ`` and explicit ``overrides`` (CLI flags).
+_FLAT = {f.name: f.type for f in fields(Config) if f.name != "upstreams"}
+_UPSTREAM_FIELDS = {f.name: f.type for f in fields(UpstreamConfig)}
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def read_file(path: str) -> dict[str, Any]:
+    """Parse a YAML configuration file into a mapping; ConfigError if it is not one."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except OSError as exc:
+        raise ConfigError(f"config file {path!r}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r}: expected a mapping of settings at the top")
+    return data
+
+
+def _expand(value: Any, key: str, environ: Mapping[str, str]) -> Any:
+    """Replace ``${NAME}`` in strings with the environment's value (secrets stay out of files)."""
+    if isinstance(value, str):
+
+        def sub(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in environ:
+                raise ConfigError(f"{key}: refers to ${{{name}}}, which is not set")
+            return environ[name]
+
+        return _ENV_REF.sub(sub, value)
+    if isinstance(value, list):
+        return [_expand(v, f"{key}[{i}]", environ) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{key}.{k}" if key else str(k), environ) for k, v in value.items()}
+    return value
+
+
+def _unknown(key: str, known: Any, where: str) -> ConfigError:
+    close = difflib.get_close_matches(str(key), list(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"{where}{key}: unknown setting{hint}")
+
+
+def _str_list(raw: Any, key: str) -> tuple[str, ...]:
+    if isinstance(raw, str):
+        raw = [item.strip() for item in raw.split(",") if item.strip()]
+    if not isinstance(raw, list) or not all(isinstance(x, str) and x for x in raw):
+        raise ConfigError(f"{key}: {raw!r} is not a list of non-empty strings")
+    return tuple(raw)
+
+
+def _upstream(raw: Any, i: int) -> UpstreamConfig:
+    where = f"upstreams[{i}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping with at least name and base_url")
+    for key in raw:
+        if key not in _UPSTREAM_FIELDS:
+            raise _unknown(key, _UPSTREAM_FIELDS, where + ".")
+    for key in ("name", "base_url"):
+        if not isinstance(raw.get(key), str) or not raw[key]:
+            raise ConfigError(f"{where}.{key}: is required (a non-empty string)")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in ("keys", "models", "fallbacks"):
+            values[key] = _str_list(value, f"{where}.{key}")
+        elif not isinstance(value, str):
+            raise ConfigError(f"{where}.{key}: {value!r} is not a string")
+        else:
+            values[key] = value
+    return UpstreamConfig(**values)
+
+
+def _validate_upstreams(cfg: Config) -> None:
+    names: dict[str, int] = {}
+    defaults: dict[str, str] = {}
+    for i, up in enumerate(cfg.upstreams):
+        where = f"upstreams[{i}]"
+        if not _NAME.fullmatch(up.name):
+            raise ConfigError(f"{where}.name: {up.name!r} may hold only letters, digits, . _ -")
+        if up.name in names:
+            first = names[up.name]
+            raise ConfigError(f"{where}.name: {up.name!r} is also upstreams[{first}]'s name")
+        names[up.name] = i
+        parse_base_url(up.base_url, f"{where}.base_url")
+        normal = _route(up.route)
+        plain = normal == (up.route.rstrip("/") or "/") and not any(c in up.route for c in "?#%")
+        if not normal or not plain:
+            raise ConfigError(
+                f"{where}.route: {up.route!r} must be a plain path such as / or /deepseek"
+            )
+        if up.type not in UPSTREAM_TYPES:
+            raise ConfigError(f"{where}.type: {up.type!r} is not one of openai, general")
+        if up.auth not in AUTH_SCHEMES and not _QUERY_AUTH.fullmatch(up.auth):
+            raise ConfigError(
+                f"{where}.auth: {up.auth!r} is not one of bearer, api-key, x-api-key, query:NAME"
+            )
+        if up.models and up.type != "openai":
+            raise ConfigError(f"{where}.models: only type openai upstreams can route by model")
+        if any(c in k for k in up.all_keys for c in "\r\n\0"):
+            raise ConfigError(f"{where}.api_key: contains a control character")
+        if up.proxy:
+            from .outbound import parse_proxy_url
+
+            parse_proxy_url(up.proxy, f"{where}.proxy")
+        route = _route(up.route)
+        if not up.models:
+            if route in defaults:
+                raise ConfigError(
+                    f"{where}.route: {route!r} is served by {defaults[route]!r} and {up.name!r}, "
+                    "and neither lists models: which one gets a request would be ambiguous"
+                )
+            defaults[route] = up.name
+    for i, up in enumerate(cfg.upstreams):
+        for name in up.fallbacks:
+            if name not in names or name == up.name:
+                raise ConfigError(
+                    f"upstreams[{i}].fallbacks: {name!r} is not the name of another upstream"
+                )
+
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_QUERY_AUTH = re.compile(r"query:[A-Za-z0-9_.-]+")
+
+
+def _route(route: str) -> str:
+    """A route prefix without its trailing slash ("/" stays "/")."""
+    from .paths import PathError, canonicalize
+
+    try:
+        canonical = canonicalize(route)
+    except PathError:
+        return ""
+    return canonical.rstrip("/") or "/"
+
+
+def load(
+    environ: Mapping[str, str],
+    overrides: Mapping[str, Any] | None = None,
+    file: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the configuration: ``file`` (parsed YAML) < ``environ`` < ``overrides`` (flags).
 
     Raises ConfigError with a message naming the key, the value and what was expected.
     """
     values: dict[str, Any] = {}
-    for f in fields(Config):
-        name = env_name(f.name)
+    raw_upstreams: Any = None
+    data = _expand(dict(file or {}), "", environ)
+    for key, raw in data.items():
+        if key == "upstreams":
+            raw_upstreams = raw
+        elif key in _FLAT:
+            values[key] = _convert(str(key), raw, _FLAT[key])
+        else:
+            raise _unknown(key, [*_FLAT, "upstreams"], "")
+    for key, kind in _FLAT.items():
+        name = env_name(key)
         if name in environ:
-            values[f.name] = _convert(name, environ[name], f.type)
+            values[key] = _convert(name, environ[name], kind)
+    if "OPENAI_FORWARD_UPSTREAMS" in environ:
+        import yaml
+
+        try:
+            raw_upstreams = yaml.safe_load(environ["OPENAI_FORWARD_UPSTREAMS"])
+        except yaml.YAMLError:
+            raise ConfigError("OPENAI_FORWARD_UPSTREAMS: is not valid YAML or JSON") from None
     for key, raw in (overrides or {}).items():
         if raw is not None:
-            kind = next(f.type for f in fields(Config) if f.name == key)
-            values[key] = _convert(f"--{key.replace('_', '-')}", raw, kind)
-    values.setdefault("log_level", "info")
-    values["log_level"] = str(values["log_level"]).lower()
+            values[key] = _convert(f"--{key.replace('_', '-')}", raw, _FLAT[key])
+    if raw_upstreams is not None:
+        if not isinstance(raw_upstreams, list):
+            raise ConfigError("upstreams: expected a list of upstreams")
+        values["upstreams"] = tuple(_upstream(raw, i) for i, raw in enumerate(raw_upstreams))
+    values["log_level"] = str(values.get("log_level", "info")).lower()
     cfg = Config(**values)
     _validate(cfg)
+    _validate_upstreams(cfg)
     return cfg

@@ -12,7 +12,7 @@ import logging
 import socket
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import httptools
 
@@ -49,13 +49,16 @@ class Request:
         "body_bytes",
         "body_complete",
         "body_limit",
+        "buffer_limit",
         "chunked",
         "client",
         "content_length",
+        "ctx",
         "expect_continue",
         "headers",
         "keep_alive",
         "method",
+        "on_body_done",
         "on_lost",
         "path",
         "pending",
@@ -79,12 +82,15 @@ class Request:
         self.chunked = False
         self.expect_continue = False
         self.body_limit = 0
+        self.buffer_limit = _PENDING_HIGH
         self.body_bytes = 0
         self.body_complete = False
         self.pending: list[bytes] | None = []
         self.sink: BodySink | None = None
         self.responded = False
         self.on_lost: Callable[[], None] | None = None
+        self.on_body_done: Callable[[], None] | None = None
+        self.ctx: Any = None  # the application's per-request data
 
     @property
     def has_body(self) -> bool:
@@ -343,7 +349,7 @@ class ServerProtocol(asyncio.Protocol):
                     req.pending = None
         elif pending is not None and not req.responded:
             pending.append(body)
-            if req.body_bytes > _PENDING_HIGH:
+            if req.body_bytes > req.buffer_limit:
                 self.body_flow(resume=False)
 
     def on_message_complete(self) -> None:
@@ -357,6 +363,8 @@ class ServerProtocol(asyncio.Protocol):
             self._arm(self.config.keepalive_timeout, self._idle_timeout)
         if req.sink is not None:
             req.sink.body_end()
+        elif req.on_body_done is not None:
+            req.on_body_done()
 
     # answering
 

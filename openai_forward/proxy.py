@@ -12,13 +12,17 @@ relay's last callback hands the client connection back for its next request.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+from typing import Any
+from urllib.parse import quote_from_bytes
 
 from . import errors
-from .config import Config
+from .config import Config, UpstreamConfig
 from .errors import GatewayError, new_request_id
 from .http1 import Request
 from .paths import PathError, canonicalize, split_target, with_v1
+from .routing import Route, Router, read_model
 from .upstream import Pool, UpstreamConnection
 
 log = logging.getLogger("openai_forward")
@@ -66,22 +70,63 @@ def _drop_named(lines: list[bytes], start: int, names: frozenset[bytes]) -> list
     return lines[:start] + kept
 
 
+class Target:
+    """A configured upstream at run time: its pool, and how requests to it are written."""
+
+    __slots__ = ("auth", "base", "config", "fallbacks", "host_line", "keys", "name", "pool", "turn")
+
+    def __init__(self, config: UpstreamConfig, pool: Pool) -> None:
+        up = config.upstream
+        self.config = config
+        self.name = config.name
+        self.pool = pool
+        self.base = up.base_path.encode()
+        self.host_line = b"host: " + up.host_header
+        self.auth = config.auth
+        self.keys = tuple(k.encode() for k in config.all_keys)
+        self.turn = 0
+        self.fallbacks: tuple[Target, ...] = ()
+
+    def next_key(self) -> bytes | None:
+        """The gateway's key for a request that brings none (round robin over ``keys``)."""
+        keys = self.keys
+        if not keys:
+            return None
+        self.turn += 1
+        return keys[self.turn % len(keys)]
+
+    def credential(self, key: bytes) -> tuple[bytes | None, bytes | None]:
+        """(header line, query parameter) that carries ``key`` in this upstream's scheme."""
+        auth = self.auth
+        if auth == "bearer":
+            return b"authorization: Bearer " + key, None
+        if auth == "api-key" or auth == "x-api-key":
+            return auth.encode() + b": " + key, None
+        return None, auth[6:].encode() + b"=" + quote_from_bytes(key, safe="").encode()
+
+
 class Proxy:
     """The application the server protocol drives: one per worker, no per-request state."""
 
-    def __init__(self, config: Config, pool: Pool) -> None:
-        up = config.upstream
-        self.pool = pool
-        self.loop = pool.loop
-        self.base = up.base_path.encode()
-        self.host_line = b"host: " + up.host_header
-        self.default_auth = (
-            b"authorization: Bearer " + config.api_key.encode() if config.api_key else None
-        )
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.targets: dict[str, Target] = {}
+        for up in config.routes:
+            proxy_url = up.proxy or config.proxy
+            pool = Pool(up.upstream, config, loop, proxy_url or None)
+            self.targets[up.name] = Target(up, pool)
+        for target in self.targets.values():
+            target.fallbacks = tuple(self.targets[name] for name in target.config.fallbacks)
+        self.router = Router(config.routes)
         self.health_path = config.health_path
         self.forwarded_for = config.forwarded_for
         self.body_limit = config.max_body_size
         self.upload_limit = config.max_upload_size
+        self.max_fallbacks = config.max_fallbacks
+
+    def close(self) -> None:
+        for target in self.targets.values():
+            target.pool.close()
 
     # at end of headers, synchronously
 
@@ -93,22 +138,25 @@ class Proxy:
         except PathError as exc:
             raise errors.bad_request(str(exc), "invalid_path") from None
         if path == self.health_path and req.method in (b"GET", b"HEAD"):
-            return _health_response(req)
-        path = with_v1(path)
+            return _json_response(req, b"200 OK", b'{"status":"ok"}')
+        found = self.router.match(path)
+        if found is None:
+            raise GatewayError(404, "route_not_found", "No upstream serves this path.")
+        route, rest = found
+        path = with_v1(rest) if route.openai else rest
         req.path = path
         req.query = query
+        req.ctx = route
         req.body_limit = self.upload_limit if path.startswith(UPLOAD_PREFIXES) else self.body_limit
         if req.content_length is not None and req.content_length > req.body_limit:
             raise GatewayError(413, "request_too_large", "The request body is too large.")
         return None
 
-    def request_head(self, req: Request) -> bytes:
-        """The head sent upstream: filtered client headers, our Host, body framing, key."""
-        target = self.base + req.path.encode()
-        if req.query:
-            target += b"?" + req.query.encode()
-        lines = [req.method + b" " + target + b" HTTP/1.1", self.host_line]
-        has_auth = False
+    def request_head(self, req: Request, target: Target, path: str | None = None) -> bytes:
+        """The head sent upstream: filtered client headers, its Host, body framing, key."""
+        query = req.query.encode() if path is None else b""
+        lines = [b"", target.host_line]
+        credential: bytes | None = None
         extra: frozenset[bytes] | None = None
         for name, value in req.headers:
             lname = name.lower()
@@ -119,18 +167,37 @@ class Proxy:
             if b"_" in lname or lname.startswith(b"x-forwarded-"):
                 continue
             if lname == b"authorization":
-                has_auth = True
+                credential = value
+                if target.auth != "bearer":
+                    continue  # re-sent below in the upstream's own scheme
             lines.append(name + b": " + value)
         if extra is not None:
             lines = _drop_named(lines, 2, extra)
-        if not has_auth and self.default_auth is not None:
-            lines.append(self.default_auth)
+        if credential is None:
+            key = target.next_key()
+            header, param = target.credential(key) if key is not None else (None, None)
+        elif target.auth != "bearer":
+            scheme, _, token = credential.partition(b" ")
+            key = token.strip() if scheme.lower() == b"bearer" else credential
+            header, param = target.credential(key)
+        else:
+            header = param = None
+        if header is not None:
+            lines.append(header)
+        if param is not None:
+            query = query + b"&" + param if query else param
         if self.forwarded_for and req.client.peer:
             lines.append(b"x-forwarded-for: " + req.client.peer.encode())
-        if req.chunked:
-            lines.append(b"transfer-encoding: chunked")
-        elif req.content_length is not None:
-            lines.append(b"content-length: %d" % req.content_length)
+        if path is None:
+            if req.chunked:
+                lines.append(b"transfer-encoding: chunked")
+            elif req.content_length is not None:
+                lines.append(b"content-length: %d" % req.content_length)
+        target_bytes = target.base + (path or req.path).encode()
+        if query:
+            target_bytes += b"?" + query
+        method = b"GET" if path is not None else req.method
+        lines[0] = method + b" " + target_bytes + b" HTTP/1.1"
         lines.append(b"\r\n")
         return b"\r\n".join(lines)
 
@@ -141,15 +208,69 @@ class Proxy:
         this callback; otherwise a task opens a connection first. Never raises."""
         relay = Relay(self, req)
         req.on_lost = relay.client_lost
+        route: Route = req.ctx
         try:
-            relay.head = self.request_head(req)
-            conn = self.pool.take()
-            if conn is not None:
-                relay.start(conn, reused=True)
-            else:
-                relay.task = self.loop.create_task(relay.connect())
+            if route.by_model:
+                if req.method == b"GET" and req.path == "/v1/models":
+                    relay.task = self.loop.create_task(self.list_models(relay, route))
+                    return
+                if req.has_body and _is_json(req):
+                    # the model in the body picks the upstream: wait for the whole body
+                    req.buffer_limit = req.body_limit
+                    if req.body_complete:
+                        self._route_by_model(relay, route)
+                    else:
+                        req.on_body_done = lambda: self._route_by_model(relay, route)
+                    return
+            relay.begin(self.targets[route.default.name])
         except Exception:
             relay.internal_error()
+
+    def _route_by_model(self, relay: Relay, route: Route) -> None:
+        req = relay.req
+        req.on_body_done = None
+        try:
+            model = read_model(b"".join(req.pending or ()))
+            relay.begin(self.targets[route.pick(model).name])
+        except GatewayError as exc:
+            relay.fail_before_response(exc)
+        except Exception:
+            relay.internal_error()
+
+    async def list_models(self, relay: Relay, route: Route) -> None:
+        """GET /v1/models on a shared route: the union of what its upstreams serve."""
+        req = relay.req
+        targets = [self.targets[t.name] for t in route.targets]
+        heads = [self.request_head(req, t, "/v1/models") for t in targets]
+        try:
+            results = await asyncio.gather(
+                *(t.pool.fetch(head) for t, head in zip(targets, heads, strict=True)),
+                return_exceptions=True,
+            )
+        except asyncio.CancelledError:
+            return
+        models: list[Any] = []
+        seen: set[str] = set()
+        for target, result in zip(targets, results, strict=True):
+            listed = _model_list(result)
+            if listed is None:  # unreachable: what the configuration names exactly
+                listed = [
+                    {"id": m, "object": "model", "created": 0, "owned_by": target.name}
+                    for m in target.config.models
+                    if not any(c in m for c in "*?[")
+                ]
+            for item in listed:
+                model_id = item.get("id")
+                fresh = isinstance(model_id, str) and model_id not in seen
+                if fresh and route.serves(target.config, model_id):
+                    seen.add(model_id)
+                    models.append(item)
+        body = json.dumps({"object": "list", "data": models}, separators=(",", ":")).encode()
+        relay.task = None
+        req.on_lost = None
+        req.responded = True
+        relay.client.write(_json_response(req, b"200 OK", body))
+        relay.client.finish(req, reusable=True)
 
 
 class Relay:
@@ -159,14 +280,17 @@ class Relay:
         "chunked",
         "client",
         "conn",
+        "fell_back",
         "head",
         "keep_client",
+        "origin",
         "out",
         "proxy",
         "req",
         "retried",
         "reused",
         "sse",
+        "target",
         "task",
     )
 
@@ -175,6 +299,8 @@ class Relay:
         self.req = req
         self.client = req.client
         self.head = b""
+        self.target: Target | None = None
+        self.origin: Target | None = None  # the upstream picked first; its fallbacks count
         self.conn: UpstreamConnection | None = None
         self.task: asyncio.Task[None] | None = None
         self.out: list[bytes] = []
@@ -183,6 +309,20 @@ class Relay:
         self.keep_client = True
         self.reused = False
         self.retried = False
+        self.fell_back = 0
+
+    def begin(self, target: Target) -> None:
+        """Send the request to ``target``: now on an idle pooled connection, else once a new
+        connection is open."""
+        self.target = target
+        if self.origin is None:
+            self.origin = target
+        self.head = self.proxy.request_head(self.req, target)
+        conn = target.pool.take()
+        if conn is not None:
+            self.start(conn, reused=True)
+        else:
+            self.task = self.proxy.loop.create_task(self.connect())
 
     def start(self, conn: UpstreamConnection, reused: bool) -> None:
         """Send the head and whatever body has arrived; the rest streams as it comes."""
@@ -199,11 +339,14 @@ class Relay:
 
     async def connect(self) -> None:
         """Open a new upstream connection, then start; errors become the response."""
+        assert self.target is not None
+        pool = self.target.pool
         try:
-            conn = await self.proxy.pool.connect()
+            conn = await pool.connect()
         except GatewayError as exc:
             self.task = None
-            self.fail_before_response(exc)
+            if not self.fall_back():
+                self.fail_before_response(exc)
             return
         except asyncio.CancelledError:
             return
@@ -212,12 +355,33 @@ class Relay:
             return
         self.task = None
         if self.client.transport is None:  # the client left while we connected
-            self.proxy.pool.release(conn)
+            pool.release(conn)
             return
         try:
             self.start(conn, reused=False)
         except Exception:
             self.internal_error()
+
+    def _can_fall_back(self) -> bool:
+        origin = self.origin
+        return (
+            origin is not None
+            and self.req.replayable
+            and self.fell_back < min(self.proxy.max_fallbacks, len(origin.fallbacks))
+        )
+
+    def fall_back(self) -> bool:
+        """Try the next fallback upstream, if the budget and the request allow it."""
+        req, origin, target = self.req, self.origin, self.target
+        if not self._can_fall_back() or origin is None or target is None:
+            return False
+        nxt = origin.fallbacks[self.fell_back]
+        self.fell_back += 1
+        log.info("upstream %s failed before answering; trying %s", target.name, nxt.name)
+        req.detach()
+        self.retried = False
+        self.begin(nxt)
+        return True
 
     def _upstream_write_pause(self, paused: bool) -> None:
         if not self.req.body_complete:
@@ -227,6 +391,11 @@ class Relay:
 
     def on_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         req = self.req
+        if (status == 429 or status >= 500) and self._can_fall_back():
+            assert self.conn is not None
+            self.conn.abort()  # this answer is dropped unread; the next upstream answers instead
+            self.fall_back()
+            return
         lines = [b"HTTP/1.1 %d %b" % (status, reason)]
         length = False
         extra: frozenset[bytes] | None = None
@@ -290,7 +459,7 @@ class Relay:
                 req.detach()
                 log.info("retrying on a new connection after a stale pooled one")
                 self.task = self.proxy.loop.create_task(self.connect())
-            else:
+            elif error.code == "upstream_timeout" or not self.fall_back():
                 self.fail_before_response(error)
             return
         self.flush()
@@ -335,11 +504,28 @@ class Relay:
         self.client.finish(req, reusable=not close)
 
 
-def _health_response(req: Request) -> bytes:
-    body = b'{"status":"ok"}'
+def _is_json(req: Request) -> bool:
+    for name, value in req.headers:
+        if name.lower() == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"application/json"
+    return False
+
+
+def _model_list(result: object) -> list[Any] | None:
+    """The ``data`` of a successful /v1/models answer, or None."""
+    if not isinstance(result, tuple) or result[0] != 200:
+        return None
+    try:
+        data = json.loads(result[1]).get("data")
+    except (ValueError, AttributeError):
+        return None
+    return [m for m in data if isinstance(m, dict)] if isinstance(data, list) else None
+
+
+def _json_response(req: Request, status: bytes, body: bytes) -> bytes:
     head = (
-        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncache-control: no-store\r\n"
-        b"content-length: %d\r\n" % len(body)
+        b"HTTP/1.1 %b\r\ncontent-type: application/json\r\ncache-control: no-store\r\n"
+        b"content-length: %d\r\n" % (status, len(body))
     )
     if req.version == "1.0" and req.keep_alive:
         head += b"connection: keep-alive\r\n"

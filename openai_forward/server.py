@@ -19,9 +19,10 @@ import time
 from .config import Config
 from .http1 import ServerProtocol
 from .proxy import Proxy
-from .upstream import Pool
 
 log = logging.getLogger("openai_forward")
+
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def setup_logging(level: str) -> None:
@@ -52,18 +53,21 @@ def serve(config: Config) -> int:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror)
         return 1
     host, port = sock.getsockname()[:2]
-    up = config.upstream
-    log.info(
-        "openai-forward listening on http://%s:%d, forwarding to %s://%s:%d%s, %d worker(s)%s",
-        host,
-        port,
-        up.scheme,
-        up.host,
-        up.port,
-        up.base_path,
-        config.workers,
-        ", default key set" if config.api_key else "",
-    )
+    log.info("openai-forward listening on http://%s:%d, %d worker(s)", host, port, config.workers)
+    for up in config.routes:
+        target = up.upstream
+        log.info(
+            "route %s -> %s (%s://%s:%d%s)%s%s%s",
+            up.route,
+            up.name,
+            target.scheme,
+            target.host,
+            target.port,
+            target.base_path,
+            f", models {', '.join(up.models)}" if up.models else "",
+            f", {len(up.all_keys)} key(s)" if up.all_keys else "",
+            ", via proxy" if up.proxy or config.proxy else "",
+        )
     if config.workers == 1:
         return run_worker(config, sock)
     return supervise(config, sock)
@@ -90,15 +94,15 @@ def run_worker(config: Config, sock: socket.socket) -> int:
 
 async def _worker(config: Config, sock: socket.socket) -> None:
     loop = asyncio.get_running_loop()
-    pool = Pool(config.upstream, config, loop)
-    proxy = Proxy(config, pool)
+    proxy = Proxy(config, loop)
     connections: set[ServerProtocol] = set()
     server = await loop.create_server(
         lambda: ServerProtocol(proxy, config, connections), sock=sock, backlog=2048
     )
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked across fork
     await stop.wait()
     log.info("stopping: draining %d connection(s)", len(connections))
     server.close()
@@ -109,7 +113,7 @@ async def _worker(config: Config, sock: socket.socket) -> None:
         await asyncio.sleep(0.05)
     for conn in list(connections):
         conn.abort()
-    pool.close()
+    proxy.close()
     await asyncio.sleep(0)
 
 
@@ -119,6 +123,9 @@ def supervise(config: Config, sock: socket.socket) -> int:
     children: dict[int, float] = {}
 
     def spawn() -> None:
+        # A stop signal that arrives before the worker has its handlers must wait for them,
+        # not kill it half-started: block across fork, the worker unblocks when ready.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -130,6 +137,7 @@ def supervise(config: Config, sock: socket.socket) -> int:
                 log.exception("worker failed")
             finally:
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         children[pid] = time.monotonic()
 
     def on_signal(signum: int, frame: object) -> None:

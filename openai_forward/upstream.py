@@ -13,8 +13,8 @@ import logging
 import re
 import socket
 import ssl
-from collections.abc import Callable
-from typing import Protocol, cast
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import httptools
 
@@ -22,6 +22,9 @@ from . import errors
 from .config import Config, Upstream
 from .errors import GatewayError
 from .timer import LazyTimer
+
+if TYPE_CHECKING:
+    from .outbound import ProxyURL
 
 log = logging.getLogger("openai_forward")
 
@@ -267,7 +270,13 @@ class UpstreamConnection(asyncio.Protocol):
 class Pool:
     """Idle keep-alive connections to one upstream, most recently used first."""
 
-    def __init__(self, upstream: Upstream, config: Config, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        upstream: Upstream,
+        config: Config,
+        loop: asyncio.AbstractEventLoop,
+        proxy: str | None = None,
+    ) -> None:
         self.upstream = upstream
         self.loop = loop
         self.size = config.pool_size
@@ -278,6 +287,11 @@ class Pool:
         self.tick = min(config.read_timeout, config.idle_timeout)
         self.idle: list[UpstreamConnection] = []
         self.ssl: ssl.SSLContext | None = ssl.create_default_context() if upstream.tls else None
+        self.proxy: ProxyURL | None = None
+        if proxy:
+            from .outbound import parse_proxy_url
+
+            self.proxy = parse_proxy_url(proxy, "proxy")
         self._sweeper = loop.call_later(self.max_idle, self._sweep)
 
     def take(self) -> UpstreamConnection | None:
@@ -296,21 +310,50 @@ class Pool:
     async def connect(self) -> UpstreamConnection:
         """A new connection; raises GatewayError 502 if it cannot be made in time."""
         up = self.upstream
-        try:
-            _, conn = await asyncio.wait_for(
-                self.loop.create_connection(
-                    lambda: UpstreamConnection(self),
-                    up.host,
-                    up.port,
-                    ssl=self.ssl,
-                    server_hostname=up.host if self.ssl else None,
-                ),
-                self.connect_timeout,
+        hostname = up.host if self.ssl else None
+        opening: Coroutine[Any, Any, tuple[asyncio.BaseTransport, asyncio.BaseProtocol]]
+        if self.proxy is None:
+            opening = self.loop.create_connection(
+                lambda: UpstreamConnection(self),
+                up.host,
+                up.port,
+                ssl=self.ssl,
+                server_hostname=hostname,
             )
+        else:
+            from .outbound import open_via_proxy
+
+            opening = open_via_proxy(
+                self.loop,
+                self.proxy,
+                lambda: UpstreamConnection(self),
+                up.host,
+                up.port,
+                self.ssl,
+                hostname,
+            )
+        try:
+            _, conn = await asyncio.wait_for(opening, self.connect_timeout)
         except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
             log.warning("upstream connect failed: %s", type(exc).__name__)
             raise errors.upstream_connect_error() from None
-        return conn
+        return cast(UpstreamConnection, conn)
+
+    async def fetch(self, head: bytes, limit: int = 8 * 1024 * 1024) -> tuple[int, bytes]:
+        """Send a bodyless request of the gateway's own; return (status, body).
+
+        For small internal reads such as /v1/models, never for client traffic.
+        """
+        conn = self.take() or await self.connect()
+        collector = _Collector(self.loop, limit)
+        conn.start(head, collector, chunked=False, head_only=False)
+        conn.body_end()
+        conn.uncork()
+        try:
+            return await collector.done
+        finally:
+            if conn.listener is collector:
+                conn.abort()
 
     def release(self, conn: UpstreamConnection) -> None:
         conn.idle_since = self.loop.time()
@@ -332,3 +375,36 @@ class Pool:
         self._sweeper.cancel()
         for conn in list(self.idle):
             conn.close()
+
+
+class _Collector:
+    """A Listener that keeps a whole (small) response."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: int) -> None:
+        self.done: asyncio.Future[tuple[int, bytes]] = loop.create_future()
+        self.limit = limit
+        self.status = 0
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def on_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+
+    def on_body(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size <= self.limit:
+            self.parts.append(data)
+
+    def on_complete(self) -> None:
+        if not self.done.done():
+            if self.size > self.limit:
+                self.done.set_exception(errors.upstream_protocol_error())
+            else:
+                self.done.set_result((self.status, b"".join(self.parts)))
+
+    def on_error(self, error: GatewayError, stale: bool) -> None:
+        if not self.done.done():
+            self.done.set_exception(error)
+
+    def flush(self) -> None:
+        pass
