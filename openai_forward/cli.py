@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .config import ConfigError, load
+from .config import ConfigError, load, read_file
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,12 +20,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"openai-forward {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     run = sub.add_parser("run", help="start the gateway")
+    run.add_argument("--config", help="YAML configuration file (or OPENAI_FORWARD_CONFIG)")
     run.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     run.add_argument("--port", help="port to listen on (default 8000)")
     run.add_argument("--workers", help="worker processes serving the port (default 1)")
     run.add_argument("--base-url", help="upstream base URL (default https://api.openai.com)")
     run.add_argument("--log-level", help="debug, info, warning or error (default info)")
     check = sub.add_parser("check", help="validate the configuration and print it, secrets masked")
+    check.add_argument("--config", help="YAML configuration file (or OPENAI_FORWARD_CONFIG)")
     check.add_argument("--base-url", help="upstream base URL")
     return parser
 
@@ -35,9 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         _parser().print_help()
         return 2
-    overrides = {k: v for k, v in vars(args).items() if k != "command"}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    path = args.config or os.environ.get("OPENAI_FORWARD_CONFIG")
     try:
-        config = load(os.environ, overrides)
+        config = load(os.environ, overrides, read_file(path) if path else None)
     except ConfigError as exc:
         print(f"openai-forward: configuration error: {exc}", file=sys.stderr)
         return 2
