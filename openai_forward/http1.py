@@ -99,15 +99,19 @@ class Request:
     def attach(self, sink: BodySink) -> None:
         """Send the body (what arrived so far, then the rest as it comes) to ``sink``."""
         self.sink = sink
-        if self.expect_continue and not self.body_complete and not self.responded:
-            self.expect_continue = False
-            self.client.write(_CONTINUE)
+        self.want_body()
         for data in self.pending or ():
             sink.body(data)
         if self.body_complete:
             sink.body_end()
         else:
             self.client.body_flow(resume=True)
+
+    def want_body(self) -> None:
+        """Tell a client that waits (``Expect: 100-continue``) to send its body now."""
+        if self.expect_continue and not self.body_complete and not self.responded:
+            self.expect_continue = False
+            self.client.write(_CONTINUE)
 
     @property
     def replayable(self) -> bool:

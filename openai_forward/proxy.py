@@ -217,6 +217,7 @@ class Proxy:
                 if req.has_body and _is_json(req):
                     # the model in the body picks the upstream: wait for the whole body
                     req.buffer_limit = req.body_limit
+                    req.want_body()
                     if req.body_complete:
                         self._route_by_model(relay, route)
                     else:
