@@ -335,7 +335,9 @@ class Pool:
         try:
             _, conn = await asyncio.wait_for(opening, self.connect_timeout)
         except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
-            log.warning("upstream connect failed: %s", type(exc).__name__)
+            # a proxy's refusal says why (never with its password); others by kind only
+            detail = str(exc) if type(exc).__name__ == "ProxyError" else type(exc).__name__
+            log.warning("upstream connect failed: %s", detail)
             raise errors.upstream_connect_error() from None
         return cast(UpstreamConnection, conn)
 
