@@ -14,22 +14,15 @@ from .errors import GatewayError
 class Route:
     """The upstreams that share one path prefix."""
 
-    __slots__ = ("default", "prefix", "targets")
+    __slots__ = ("by_model", "default", "openai", "prefix", "targets")
 
     def __init__(self, prefix: str, targets: Sequence[UpstreamConfig]) -> None:
         self.prefix = prefix
         self.targets = tuple(targets)
         no_models = [t for t in self.targets if not t.models]
         self.default = no_models[0] if no_models else self.targets[0]
-
-    @property
-    def by_model(self) -> bool:
-        """Several upstreams: the request's model decides."""
-        return len(self.targets) > 1
-
-    @property
-    def openai(self) -> bool:
-        return any(t.type == "openai" for t in self.targets)
+        self.by_model = len(self.targets) > 1  # several upstreams: the request's model decides
+        self.openai = any(t.type == "openai" for t in self.targets)  # /v1 aliases apply
 
     def pick(self, model: str | None) -> UpstreamConfig:
         """The upstream for ``model``: an exact name first, then the first matching glob,
