@@ -20,15 +20,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"openai-forward {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     run = sub.add_parser("run", help="start the gateway")
-    run.add_argument("--config", help="YAML configuration file (or OPENAI_FORWARD_CONFIG)")
-    run.add_argument("--host", help="address to listen on (default 0.0.0.0)")
-    run.add_argument("--port", help="port to listen on (default 8000)")
-    run.add_argument("--workers", help="worker processes serving the port (default 1)")
-    run.add_argument("--base-url", help="upstream base URL (default https://api.openai.com)")
-    run.add_argument("--log-level", help="debug, info, warning or error (default info)")
     check = sub.add_parser("check", help="validate the configuration and print it, secrets masked")
-    check.add_argument("--config", help="YAML configuration file (or OPENAI_FORWARD_CONFIG)")
-    check.add_argument("--base-url", help="upstream base URL")
+    for command in (run, check):
+        command.add_argument("--config", help="YAML configuration file (or OPENAI_FORWARD_CONFIG)")
+        command.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+        command.add_argument("--port", help="port to listen on (default 8000)")
+        command.add_argument("--workers", help="worker processes serving the port (default 1)")
+        command.add_argument(
+            "--base-url", help="upstream base URL (default https://api.openai.com)"
+        )
+        command.add_argument("--log-level", help="debug, info, warning or error (default info)")
     return parser
 
 

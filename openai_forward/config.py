@@ -23,6 +23,7 @@ ENV_PREFIX = "OPENAI_FORWARD_"
 # Settings whose environment name does not follow the prefix rule (the seed's contract).
 ENV_ALIASES = {"base_url": "OPENAI_BASE_URL", "api_key": "OPENAI_API_KEY"}
 
+
 class ConfigError(ValueError):
     """A setting has a value the gateway cannot use; the message names the key."""
 
@@ -258,11 +259,19 @@ def _unknown(key: str, known: Any, where: str) -> ConfigError:
     return ConfigError(f"{where}{key}: unknown setting{hint}")
 
 
+def _show(key: str, value: Any) -> str:
+    """A value for an error message; secrets are never shown."""
+    return "(value hidden)" if key.rsplit(".", 1)[-1] in _SECRET_FIELDS else repr(value)
+
+
+_SECRET_FIELDS = frozenset({"api_key", "keys", "proxy"})
+
+
 def _str_list(raw: Any, key: str) -> tuple[str, ...]:
     if isinstance(raw, str):
         raw = [item.strip() for item in raw.split(",") if item.strip()]
     if not isinstance(raw, list) or not all(isinstance(x, str) and x for x in raw):
-        raise ConfigError(f"{key}: {raw!r} is not a list of non-empty strings")
+        raise ConfigError(f"{key}: {_show(key, raw)} is not a list of non-empty strings")
     return tuple(raw)
 
 
@@ -281,7 +290,7 @@ def _upstream(raw: Any, i: int) -> UpstreamConfig:
         if key in ("keys", "models", "fallbacks"):
             values[key] = _str_list(value, f"{where}.{key}")
         elif not isinstance(value, str):
-            raise ConfigError(f"{where}.{key}: {value!r} is not a string")
+            raise ConfigError(f"{where}.{key}: {_show(key, value)} is not a string")
         else:
             values[key] = value
     return UpstreamConfig(**values)
@@ -299,7 +308,7 @@ def _validate_upstreams(cfg: Config) -> None:
             raise ConfigError(f"{where}.name: {up.name!r} is also upstreams[{first}]'s name")
         names[up.name] = i
         parse_base_url(up.base_url, f"{where}.base_url")
-        normal = _route(up.route)
+        normal = _route(up.route) if up.route.startswith("/") else ""
         plain = normal == (up.route.rstrip("/") or "/") and not any(c in up.route for c in "?#%")
         if not normal or not plain:
             raise ConfigError(

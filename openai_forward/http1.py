@@ -60,6 +60,7 @@ class Request:
         "method",
         "on_body_done",
         "on_lost",
+        "on_overflow",
         "path",
         "pending",
         "query",
@@ -90,6 +91,7 @@ class Request:
         self.responded = False
         self.on_lost: Callable[[], None] | None = None
         self.on_body_done: Callable[[], None] | None = None
+        self.on_overflow: Callable[[], None] | None = None
         self.ctx: Any = None  # the application's per-request data
 
     @property
@@ -116,7 +118,12 @@ class Request:
     @property
     def replayable(self) -> bool:
         """The whole body is still at hand: the request can be sent again."""
-        return self.body_complete and self.pending is not None
+        return self.body_complete and self.may_replay
+
+    @property
+    def may_replay(self) -> bool:
+        """What arrived of the body is at hand and small enough to send again."""
+        return self.pending is not None and self.body_bytes <= _REPLAY_MAX
 
     def detach(self) -> None:
         """Stop feeding the sink (its upstream request failed); later bytes are dropped."""
@@ -355,6 +362,9 @@ class ServerProtocol(asyncio.Protocol):
             pending.append(body)
             if req.body_bytes > req.buffer_limit:
                 self.body_flow(resume=False)
+                if req.on_overflow is not None:
+                    callback, req.on_overflow = req.on_overflow, None
+                    callback()
 
     def on_message_complete(self) -> None:
         req = self.req

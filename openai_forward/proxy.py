@@ -73,7 +73,19 @@ def _drop_named(lines: list[bytes], start: int, names: frozenset[bytes]) -> list
 class Target:
     """A configured upstream at run time: its pool, and how requests to it are written."""
 
-    __slots__ = ("auth", "base", "config", "fallbacks", "host_line", "keys", "name", "pool", "turn")
+    __slots__ = (
+        "auth",
+        "base",
+        "config",
+        "fallbacks",
+        "header_name",
+        "host_line",
+        "keys",
+        "name",
+        "pool",
+        "query_key",
+        "turn",
+    )
 
     def __init__(self, config: UpstreamConfig, pool: Pool) -> None:
         up = config.upstream
@@ -83,6 +95,10 @@ class Target:
         self.base = up.base_path.encode()
         self.host_line = b"host: " + up.host_header
         self.auth = config.auth
+        # how a client's own key looks in this scheme, besides Authorization
+        auth = config.auth
+        self.header_name = auth.encode() if auth in ("api-key", "x-api-key") else None
+        self.query_key = auth[6:].encode() + b"=" if auth.startswith("query:") else None
         self.keys = tuple(k.encode() for k in config.all_keys)
         self.turn = 0
         self.fallbacks: tuple[Target, ...] = ()
@@ -170,13 +186,22 @@ class Proxy:
                 credential = value
                 if target.auth != "bearer":
                     continue  # re-sent below in the upstream's own scheme
+            elif lname == target.header_name:
+                credential = b""  # the client's key, already in this upstream's scheme
             lines.append(name + b": " + value)
         if extra is not None:
             lines = _drop_named(lines, 2, extra)
+        query_key = target.query_key
+        if (
+            credential is None
+            and query_key
+            and any(p.startswith(query_key) for p in query.split(b"&"))
+        ):
+            credential = b""  # the client's key, already in this upstream's scheme
         if credential is None:
             key = target.next_key()
             header, param = target.credential(key) if key is not None else (None, None)
-        elif target.auth != "bearer":
+        elif credential and target.auth != "bearer":
             scheme, _, token = credential.partition(b" ")
             key = token.strip() if scheme.lower() == b"bearer" else credential
             header, param = target.credential(key)
@@ -346,7 +371,7 @@ class Relay:
             conn = await pool.connect()
         except GatewayError as exc:
             self.task = None
-            if not self.fall_back():
+            if not self.fall_back(exc):
                 self.fail_before_response(exc)
             return
         except asyncio.CancelledError:
@@ -367,22 +392,37 @@ class Relay:
         origin = self.origin
         return (
             origin is not None
-            and self.req.replayable
+            and self.req.may_replay
             and self.fell_back < min(self.proxy.max_fallbacks, len(origin.fallbacks))
         )
 
-    def fall_back(self) -> bool:
-        """Try the next fallback upstream, if the budget and the request allow it."""
-        req, origin, target = self.req, self.origin, self.target
-        if not self._can_fall_back() or origin is None or target is None:
+    def fall_back(self, error: GatewayError | None = None) -> bool:
+        """Try the next fallback upstream, if the budget and the request allow it. A body
+        still arriving (the failure came first) is awaited, up to the replay limit."""
+        req = self.req
+        if not self._can_fall_back():
             return False
+        req.detach()
+        if not req.body_complete:
+            failure = error or errors.upstream_disconnected()
+            req.on_body_done = self._fall_back_now
+            req.on_overflow = lambda: self.fail_before_response(failure)
+            return True
+        self._fall_back_now()
+        return True
+
+    def _fall_back_now(self) -> None:
+        req, origin, target = self.req, self.origin, self.target
+        req.on_body_done = req.on_overflow = None
+        assert origin is not None and target is not None
         nxt = origin.fallbacks[self.fell_back]
         self.fell_back += 1
         log.info("upstream %s failed before answering; trying %s", target.name, nxt.name)
-        req.detach()
         self.retried = False
-        self.begin(nxt)
-        return True
+        try:
+            self.begin(nxt)
+        except Exception:
+            self.internal_error()
 
     def _upstream_write_pause(self, paused: bool) -> None:
         if not self.req.body_complete:
@@ -460,7 +500,7 @@ class Relay:
                 req.detach()
                 log.info("retrying on a new connection after a stale pooled one")
                 self.task = self.proxy.loop.create_task(self.connect())
-            elif error.code == "upstream_timeout" or not self.fall_back():
+            elif error.code == "upstream_timeout" or not self.fall_back(error):
                 self.fail_before_response(error)
             return
         self.flush()
