@@ -377,7 +377,7 @@ class ServerProtocol(asyncio.Protocol):
             self._arm(self.config.keepalive_timeout, self._idle_timeout)
         if req.sink is not None:
             req.sink.body_end()
-        elif req.on_body_done is not None:
+        elif req.on_body_done is not None and not req.responded:
             req.on_body_done()
 
     # answering

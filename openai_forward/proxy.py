@@ -517,6 +517,7 @@ class Relay:
 
     def client_lost(self) -> None:
         """The client went away: drop the upstream request now; it is not the upstream's fault."""
+        self.req.on_body_done = self.req.on_overflow = None
         if self.task is not None:
             self.task.cancel()
             self.task = None
@@ -532,7 +533,7 @@ class Relay:
 
     def fail_before_response(self, error: GatewayError) -> None:
         req = self.req
-        req.on_lost = None
+        req.on_lost = req.on_body_done = req.on_overflow = None
         req.detach()
         if req.responded:
             self.client.abort()
