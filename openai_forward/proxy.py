@@ -291,8 +291,11 @@ class Proxy:
                 if fresh and route.serves(target.config, model_id):
                     seen.add(model_id)
                     models.append(item)
-        body = json.dumps({"object": "list", "data": models}, separators=(",", ":")).encode()
         relay.task = None
+        if not models and all(_model_list(r) is None for r in results):
+            relay.fail_before_response(errors.upstream_connect_error())
+            return
+        body = json.dumps({"object": "list", "data": models}, separators=(",", ":")).encode()
         req.on_lost = None
         req.responded = True
         relay.client.write(_json_response(req, b"200 OK", body))
