@@ -105,6 +105,10 @@ class Config:
     shutdown_timeout: float = 30.0
     log_level: str = "info"
     max_fallbacks: int = 1
+    key_quarantine: float = 300.0
+    allow_ips: tuple[str, ...] = ()
+    deny_ips: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
     proxy: str = field(default="", repr=False)
     upstreams: tuple[UpstreamConfig, ...] = ()
 
@@ -179,6 +183,12 @@ def _convert(key: str, raw: Any, kind: Any) -> Any:
         if not math.isfinite(value):
             raise ConfigError(f"{key}: {raw!r} is not a finite number")
         return value
+    if kind == "tuple[str, ...]":
+        if isinstance(raw, str):
+            raw = [item.strip() for item in raw.split(",") if item.strip()]
+        if not isinstance(raw, list) or not all(isinstance(x, str) and x for x in raw):
+            raise ConfigError(f"{key}: {raw!r} is not a list of strings (or comma-separated text)")
+        return tuple(raw)
     return str(raw)
 
 
@@ -204,7 +214,28 @@ def _validate(cfg: Config) -> None:
         from .outbound import parse_proxy_url
 
         parse_proxy_url(cfg.proxy, "proxy")
+    access_rules(cfg)
     parse_base_url(cfg.base_url)
+
+
+def access_rules(cfg: Config) -> Any:
+    """The IP rules of ``cfg`` (an AccessRules); ConfigError names the setting and index."""
+    from .access import AccessRules
+
+    try:
+        return AccessRules(cfg.allow_ips, cfg.deny_ips, cfg.trusted_proxies, key="access")
+    except ConfigError as exc:
+        text = str(exc)
+        for inner, outer in _ACCESS_NAMES:
+            text = text.replace(inner, outer, 1) if text.startswith(inner) else text
+        raise ConfigError(text) from None
+
+
+_ACCESS_NAMES = (
+    ("access.allow", "allow_ips"),
+    ("access.deny", "deny_ips"),
+    ("access.trusted_proxies", "trusted_proxies"),
+)
 
 
 def env_name(key: str) -> str:

@@ -52,6 +52,7 @@ class Request:
         "buffer_limit",
         "chunked",
         "client",
+        "client_ip",
         "content_length",
         "ctx",
         "expect_continue",
@@ -93,6 +94,7 @@ class Request:
         self.on_body_done: Callable[[], None] | None = None
         self.on_overflow: Callable[[], None] | None = None
         self.ctx: Any = None  # the application's per-request data
+        self.client_ip = ""  # set by the application when it resolves X-Forwarded-For
 
     @property
     def has_body(self) -> bool:

@@ -14,13 +14,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 from urllib.parse import quote_from_bytes
 
 from . import errors
-from .config import Config, UpstreamConfig
+from .access import AccessRules
+from .config import Config, UpstreamConfig, access_rules
 from .errors import GatewayError, new_request_id
 from .http1 import Request
+from .keypool import Key, KeyPool, error_code, retry_after
 from .paths import PathError, canonicalize, split_target, with_v1
 from .routing import Route, Router, read_model
 from .upstream import Pool, UpstreamConnection
@@ -53,6 +59,7 @@ UPLOAD_PREFIXES = (
 )
 
 _NO_BODY_STATUS = frozenset({204, 304})
+_KEY_FAILURES = frozenset({401, 403, 429})  # answers that say something about the key
 
 
 def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
@@ -84,10 +91,9 @@ class Target:
         "name",
         "pool",
         "query_key",
-        "turn",
     )
 
-    def __init__(self, config: UpstreamConfig, pool: Pool) -> None:
+    def __init__(self, config: UpstreamConfig, pool: Pool, quarantine: float = 300.0) -> None:
         up = config.upstream
         self.config = config
         self.name = config.name
@@ -99,17 +105,18 @@ class Target:
         auth = config.auth
         self.header_name = auth.encode() if auth in ("api-key", "x-api-key") else None
         self.query_key = auth[6:].encode() + b"=" if auth.startswith("query:") else None
-        self.keys = tuple(k.encode() for k in config.all_keys)
-        self.turn = 0
+        self.keys = KeyPool(config.all_keys, quarantine=quarantine) if config.all_keys else None
         self.fallbacks: tuple[Target, ...] = ()
 
-    def next_key(self) -> bytes | None:
-        """The gateway's key for a request that brings none (round robin over ``keys``)."""
-        keys = self.keys
-        if not keys:
+    def any_key(self, now: float) -> bytes | None:
+        """A ready key for the gateway's own small requests (no in-flight accounting)."""
+        if self.keys is None:
             return None
-        self.turn += 1
-        return keys[self.turn % len(keys)]
+        key = self.keys.acquire(now)
+        if key is None:
+            return None
+        self.keys.release(key)
+        return key.secret
 
     def credential(self, key: bytes) -> tuple[bytes | None, bytes | None]:
         """(header line, query parameter) that carries ``key`` in this upstream's scheme."""
@@ -130,7 +137,7 @@ class Proxy:
         for up in config.routes:
             proxy_url = up.proxy or config.proxy
             pool = Pool(up.upstream, config, loop, proxy_url or None)
-            self.targets[up.name] = Target(up, pool)
+            self.targets[up.name] = Target(up, pool, config.key_quarantine)
         for target in self.targets.values():
             target.fallbacks = tuple(self.targets[name] for name in target.config.fallbacks)
         self.router = Router(config.routes)
@@ -139,6 +146,9 @@ class Proxy:
         self.body_limit = config.max_body_size
         self.upload_limit = config.max_upload_size
         self.max_fallbacks = config.max_fallbacks
+        self.rules: AccessRules = access_rules(config)
+        self.check_ip = self.rules.active
+        self.resolve_ip = self.check_ip or bool(config.trusted_proxies)
 
     def close(self) -> None:
         for target in self.targets.values():
@@ -158,6 +168,12 @@ class Proxy:
         found = self.router.match(path)
         if found is None:
             raise GatewayError(404, "route_not_found", "No upstream serves this path.")
+        if self.resolve_ip:
+            req.client_ip = self.client_ip(req)
+            if self.check_ip and not self.rules.allowed(req.client_ip):
+                raise GatewayError(
+                    403, "ip_not_allowed", "Requests from this address are not allowed."
+                )
         route, rest = found
         path = with_v1(rest) if route.openai else rest
         req.path = path
@@ -168,8 +184,20 @@ class Proxy:
             raise GatewayError(413, "request_too_large", "The request body is too large.")
         return None
 
-    def request_head(self, req: Request, target: Target, path: str | None = None) -> bytes:
-        """The head sent upstream: filtered client headers, its Host, body framing, key."""
+    def client_ip(self, req: Request) -> str:
+        """The client's address: the peer, or from X-Forwarded-For behind a trusted proxy."""
+        forwarded = [v for n, v in req.headers if n.lower() == b"x-forwarded-for"]
+        return self.rules.client_ip(req.client.peer, forwarded)
+
+    def request_head(
+        self,
+        req: Request,
+        target: Target,
+        take_key: Callable[[], bytes | None],
+        path: str | None = None,
+    ) -> bytes:
+        """The head sent upstream: filtered client headers, its Host, body framing, and a
+        key: the client's own, or one from ``take_key`` when the client brought none."""
         query = req.query.encode() if path is None else b""
         lines = [b"", target.host_line]
         credential: bytes | None = None
@@ -199,7 +227,7 @@ class Proxy:
         ):
             credential = b""  # the client's key, already in this upstream's scheme
         if credential is None:
-            key = target.next_key()
+            key = take_key()
             header, param = target.credential(key) if key is not None else (None, None)
         elif credential and target.auth != "bearer":
             scheme, _, token = credential.partition(b" ")
@@ -211,8 +239,8 @@ class Proxy:
             lines.append(header)
         if param is not None:
             query = query + b"&" + param if query else param
-        if self.forwarded_for and req.client.peer:
-            lines.append(b"x-forwarded-for: " + req.client.peer.encode())
+        if self.forwarded_for and (req.client_ip or req.client.peer):
+            lines.append(b"x-forwarded-for: " + (req.client_ip or req.client.peer).encode())
         if path is None:
             if req.chunked:
                 lines.append(b"transfer-encoding: chunked")
@@ -267,7 +295,8 @@ class Proxy:
         """GET /v1/models on a shared route: the union of what its upstreams serve."""
         req = relay.req
         targets = [self.targets[t.name] for t in route.targets]
-        heads = [self.request_head(req, t, "/v1/models") for t in targets]
+        now = self.loop.time()
+        heads = [self.request_head(req, t, partial(t.any_key, now), "/v1/models") for t in targets]
         try:
             results = await asyncio.gather(
                 *(t.pool.fetch(head) for t, head in zip(targets, heads, strict=True)),
@@ -309,9 +338,12 @@ class Relay:
         "chunked",
         "client",
         "conn",
+        "discard",
         "fell_back",
         "head",
         "keep_client",
+        "key",
+        "observe",
         "origin",
         "out",
         "proxy",
@@ -321,6 +353,7 @@ class Relay:
         "sse",
         "target",
         "task",
+        "tried_keys",
     )
 
     def __init__(self, proxy: Proxy, req: Request) -> None:
@@ -339,6 +372,10 @@ class Relay:
         self.reused = False
         self.retried = False
         self.fell_back = 0
+        self.key: Key | None = None  # the pool key this attempt carries
+        self.tried_keys: list[Key] = []
+        self.discard: bytearray | None = None  # a failed answer read and dropped, to retry
+        self.observe: bytearray | None = None  # a relayed 429's body, to learn why
 
     def begin(self, target: Target) -> None:
         """Send the request to ``target``: now on an idle pooled connection, else once a new
@@ -346,7 +383,12 @@ class Relay:
         self.target = target
         if self.origin is None:
             self.origin = target
-        self.head = self.proxy.request_head(self.req, target)
+        try:
+            self.head = self.proxy.request_head(self.req, target, self._take_key)
+        except GatewayError as exc:  # no key of this upstream is usable now
+            if not self.fall_back(exc):
+                self.fail_before_response(exc)
+            return
         conn = target.pool.take()
         if conn is not None:
             self.start(conn, reused=True)
@@ -402,30 +444,82 @@ class Relay:
     def fall_back(self, error: GatewayError | None = None) -> bool:
         """Try the next fallback upstream, if the budget and the request allow it. A body
         still arriving (the failure came first) is awaited, up to the replay limit."""
-        req = self.req
         if not self._can_fall_back():
             return False
-        req.detach()
-        if not req.body_complete:
-            failure = error or errors.upstream_disconnected()
-            req.on_body_done = self._fall_back_now
-            req.on_overflow = lambda: self.fail_before_response(failure)
-            return True
-        self._fall_back_now()
-        return True
-
-    def _fall_back_now(self) -> None:
-        req, origin, target = self.req, self.origin, self.target
-        req.on_body_done = req.on_overflow = None
+        origin, target = self.origin, self.target
         assert origin is not None and target is not None
         nxt = origin.fallbacks[self.fell_back]
         self.fell_back += 1
         log.info("upstream %s failed before answering; trying %s", target.name, nxt.name)
+        self._retry(nxt, error or errors.upstream_disconnected())
+        return True
+
+    def _retry(self, target: Target, error: GatewayError) -> None:
+        """Send the request again (to another upstream, or with another key) once the whole
+        body is here; a body that outgrows the replay limit meanwhile gets ``error``."""
+        req = self.req
+        req.detach()
+        self._release_key()
+        if req.body_complete:
+            self._begin_again(target)
+            return
+        req.on_body_done = lambda: self._begin_again(target)
+        req.on_overflow = lambda: self.fail_before_response(error)
+
+    def _begin_again(self, target: Target) -> None:
+        self.req.on_body_done = self.req.on_overflow = None
         self.retried = False
+        self.chunked = self.sse = False
+        self.keep_client = True
+        self.discard = self.observe = None
         try:
-            self.begin(nxt)
+            self.begin(target)
         except Exception:
             self.internal_error()
+
+    # upstream keys
+
+    def _take_key(self) -> bytes | None:
+        assert self.target is not None
+        pool = self.target.keys
+        if pool is None:
+            return None
+        now = self.proxy.loop.time()
+        key = pool.acquire(now, exclude=self.tried_keys)
+        if key is None:
+            wait = max(1, math.ceil(pool.ready_in(now)))
+            raise GatewayError(
+                503,
+                "no_upstream_key",
+                "Every upstream key is cooling down or out of rotation; try again later.",
+                headers=((b"retry-after", b"%d" % wait),),
+            )
+        self.key = key
+        return key.secret
+
+    def _release_key(self) -> None:
+        key = self.key
+        if key is not None:
+            self.key = None
+            assert self.target is not None and self.target.keys is not None
+            self.target.keys.release(key)
+
+    def _key_failed(self, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
+        """Report a 401/403/429 against the pool key; True if another key will be tried."""
+        key, target = self.key, self.target
+        assert key is not None and target is not None and target.keys is not None
+        pool = target.keys
+        now = self.proxy.loop.time()
+        pool.report(key, status, now, retry_after=retry_after(headers, time.time()))
+        log.warning("upstream %s refused key %s with %d", target.name, key.id, status)
+        self.tried_keys.append(key)
+        if not self.req.may_replay or len(self.tried_keys) >= len(pool.keys):
+            return False
+        probe = pool.acquire(now, exclude=self.tried_keys)
+        if probe is None:
+            return False
+        pool.release(probe)
+        return True
 
     def _upstream_write_pause(self, paused: bool) -> None:
         if not self.req.body_complete:
@@ -435,6 +529,12 @@ class Relay:
 
     def on_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         req = self.req
+        if self.key is not None and status in _KEY_FAILURES:
+            if self._key_failed(status, headers):
+                self.discard = bytearray()  # read this answer, then try the next key
+                return
+            if status == 429:
+                self.observe = bytearray()  # relayed; its body says whether quota is gone
         if (status == 429 or status >= 500) and self._can_fall_back():
             assert self.conn is not None
             self.conn.abort()  # this answer is dropped unread; the next upstream answers instead
@@ -476,6 +576,10 @@ class Relay:
         self.out.append(b"\r\n".join(lines))
 
     def on_body(self, data: bytes) -> None:
+        if self.discard is not None or self.observe is not None:
+            self._keep_error_body(data)
+            if self.discard is not None:
+                return
         if self.chunked:
             self.out.append(b"%x\r\n%b\r\n" % (len(data), data))
         else:
@@ -487,7 +591,29 @@ class Relay:
             self.client.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
 
+    def _keep_error_body(self, data: bytes) -> None:
+        kept = self.discard if self.discard is not None else self.observe
+        assert kept is not None
+        if len(kept) < 65536:
+            kept += data[: 65536 - len(kept)]
+
+    def _learn_quota(self, key: Key, body: bytes | bytearray) -> None:
+        assert self.target is not None and self.target.keys is not None
+        if error_code(bytes(body)) == "insufficient_quota":
+            self.target.keys.report(key, 429, self.proxy.loop.time(), code="insufficient_quota")
+
     def on_complete(self) -> None:
+        discard, self.discard = self.discard, None
+        if discard is not None:  # a key was refused: try the next one
+            assert self.target is not None
+            key = self.tried_keys[-1]
+            self._learn_quota(key, discard)
+            self.key = None
+            self._retry(self.target, errors.upstream_disconnected())
+            return
+        if self.observe is not None and self.key is not None:
+            self._learn_quota(self.key, self.observe)
+        self._release_key()
         if self.chunked:
             self.out.append(b"0\r\n\r\n")
         self.flush()
@@ -496,6 +622,12 @@ class Relay:
 
     def on_error(self, error: GatewayError, stale: bool) -> None:
         req = self.req
+        if self.discard is not None:  # the refused key's answer broke off: next key anyway
+            self.discard = None
+            self.key = None
+            assert self.target is not None
+            self._retry(self.target, error)
+            return
         if not req.responded:
             if stale and self.reused and not self.retried and req.replayable:
                 # the upstream had closed this pooled connection while it was idle
@@ -507,6 +639,7 @@ class Relay:
                 self.fail_before_response(error)
             return
         self.flush()
+        self._release_key()
         req.on_lost = None
         log.warning("upstream failed mid-response: %s", error.code)
         if self.sse and self.chunked:
@@ -521,6 +654,7 @@ class Relay:
     def client_lost(self) -> None:
         """The client went away: drop the upstream request now; it is not the upstream's fault."""
         self.req.on_body_done = self.req.on_overflow = None
+        self._release_key()
         if self.task is not None:
             self.task.cancel()
             self.task = None
@@ -536,6 +670,7 @@ class Relay:
 
     def fail_before_response(self, error: GatewayError) -> None:
         req = self.req
+        self._release_key()
         req.on_lost = req.on_body_done = req.on_overflow = None
         req.detach()
         if req.responded:

@@ -748,7 +748,12 @@ def test_an_overloaded_upstream_is_replaced_by_its_fallback(
         "/v1/chat/completions",
         Reply(
             status=status,
-            headers=[("content-type", "application/json"), ("x-from", "flaky-a")],
+            # retry-after-ms: a 429 cools A's key only this long, so later tests still reach A
+            headers=[
+                ("content-type", "application/json"),
+                ("x-from", "flaky-a"),
+                ("retry-after-ms", "1"),
+            ],
             body=b'{"error": {"message": "overloaded-on-a", "type": "server_error"}}',
         ),
     )
