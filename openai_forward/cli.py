@@ -1,4 +1,4 @@
-"""Command line: parse flags, build the configuration, hand it to the server."""
+"""Command line: parse flags, build the configuration, hand it to the server or the key store."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
+from typing import Any
 
 from . import __version__
-from .config import ConfigError, load, read_file
+from .config import Config, ConfigError, load, parse_expiry, read_file
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,6 +32,22 @@ def _parser() -> argparse.ArgumentParser:
             "--base-url", help="upstream base URL (default https://api.openai.com)"
         )
         command.add_argument("--log-level", help="debug, info, warning or error (default info)")
+    keys = sub.add_parser("keys", help="create, list and revoke forward keys")
+    keys.add_argument("--config", help="YAML configuration file (or OPENAI_FORWARD_CONFIG)")
+    keys.add_argument("--database", help="key store file (default openai-forward.db)")
+    actions = keys.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = actions.add_parser("create", help="make a key; it is printed once, never again")
+    create.add_argument("--name", required=True, help="who the key is for (unique)")
+    create.add_argument("--models", default="", help="allowed model globs, comma-separated")
+    create.add_argument(
+        "--routes", default="", help="allowed path prefixes or upstream names, comma-separated"
+    )
+    create.add_argument("--expires", help="expiry date, e.g. 2027-01-01 (UTC)")
+    listing = actions.add_parser("list", help="names, ids, prefixes, scopes and expiry")
+    listing.add_argument("--json", action="store_true", help="JSON for machines")
+    listing.add_argument("--all", action="store_true", help="include revoked keys")
+    revoke = actions.add_parser("revoke", help="refuse a key from now on (every worker, < 1 s)")
+    revoke.add_argument("key", metavar="NAME|ID")
     return parser
 
 
@@ -38,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         _parser().print_help()
         return 2
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    skip = ("command", "config", "action", "name", "models", "routes", "expires", "json", "all")
+    overrides = {k: v for k, v in vars(args).items() if k not in (*skip, "key")}
     path = args.config or os.environ.get("OPENAI_FORWARD_CONFIG")
     try:
         config = load(os.environ, overrides, read_file(path) if path else None)
@@ -48,6 +67,71 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         print(json.dumps(config.masked(), indent=2))
         return 0
+    if args.command == "keys":
+        return _keys(args, config)
     from .server import serve
 
     return serve(config)
+
+
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _keys(args: argparse.Namespace, config: Config) -> int:
+    from .keystore import KeyStore, KeyStoreError
+
+    try:
+        store = KeyStore(config.database)
+        try:
+            return _key_action(args, store)
+        finally:
+            store.close()
+    except (KeyStoreError, ConfigError) as exc:
+        print(f"openai-forward: {exc}", file=sys.stderr)
+        return 1
+
+
+def _key_action(args: argparse.Namespace, store: Any) -> int:
+    if args.action == "create":
+        expires = parse_expiry(args.expires, "--expires") if args.expires else None
+        record, key = store.create(
+            args.name, models=_split(args.models), routes=_split(args.routes), expires_at=expires
+        )
+        print(key)
+        print(
+            f"created {record.name} ({record.id}); this is the only time the key is shown",
+            file=sys.stderr,
+        )
+        return 0
+    if args.action == "revoke":
+        record = store.revoke(args.key)
+        print(f"revoked {record.name} ({record.id})")
+        return 0
+    rows = [_row(k) for k in store.list(include_revoked=args.all)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    columns = ("name", "id", "prefix", "models", "routes", "expires", "state")
+    table = [columns, *[tuple(str(r[c]) for c in columns) for r in rows]]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    for line in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+    return 0
+
+
+def _row(key: Any) -> dict[str, Any]:
+    now = time.time()
+    state = "revoked" if key.revoked_at else ("active" if key.active(now) else "expired")
+    expires = (
+        time.strftime("%Y-%m-%d %H:%M", time.gmtime(key.expires_at)) if key.expires_at else "-"
+    )
+    return {
+        "name": key.name,
+        "id": key.id,
+        "prefix": key.prefix,
+        "models": ",".join(key.models) or "*",
+        "routes": ",".join(key.routes) or "*",
+        "expires": expires,
+        "state": state,
+    }

@@ -77,6 +77,20 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class ForwardKeyConfig:
+    """A forward key written in the configuration (the key itself best as ${ENV})."""
+
+    name: str
+    key: str = field(repr=False)
+    models: tuple[str, ...] = ()
+    routes: tuple[str, ...] = ()
+    expires: str = ""
+
+
+CLIENT_KEY_MODES = ("auto", "allow", "deny")
+
+
+@dataclass(frozen=True)
 class Config:
     """Every setting of a running gateway. Sizes are bytes, times are seconds."""
 
@@ -110,7 +124,10 @@ class Config:
     deny_ips: tuple[str, ...] = ()
     trusted_proxies: tuple[str, ...] = ()
     proxy: str = field(default="", repr=False)
+    database: str = "openai-forward.db"
+    client_keys: str = "auto"
     upstreams: tuple[UpstreamConfig, ...] = ()
+    forward_keys: tuple[ForwardKeyConfig, ...] = ()
 
     @property
     def upstream(self) -> Upstream:
@@ -126,7 +143,9 @@ class Config:
     def masked(self) -> dict[str, Any]:
         """The settings as a dict with every secret replaced by a fixed mask."""
         out = dataclasses.asdict(self)
-        for entry in [out, *out["upstreams"]]:
+        for entry in [out, *out["upstreams"], *out["forward_keys"]]:
+            if entry.get("key"):
+                entry["key"] = "***"
             for key in ("api_key", "proxy"):
                 if entry.get(key):
                     entry[key] = _mask_url(entry[key]) if key == "proxy" else "***"
@@ -243,8 +262,10 @@ def env_name(key: str) -> str:
     return ENV_ALIASES.get(key, ENV_PREFIX + key.upper())
 
 
-_FLAT = {f.name: f.type for f in fields(Config) if f.name != "upstreams"}
+_LISTS = ("upstreams", "forward_keys")
+_FLAT = {f.name: f.type for f in fields(Config) if f.name not in _LISTS}
 _UPSTREAM_FIELDS = {f.name: f.type for f in fields(UpstreamConfig)}
+_FORWARD_KEY_FIELDS = {f.name: f.type for f in fields(ForwardKeyConfig)}
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -327,6 +348,60 @@ def _upstream(raw: Any, i: int) -> UpstreamConfig:
     return UpstreamConfig(**values)
 
 
+def _forward_key(raw: Any, i: int) -> ForwardKeyConfig:
+    where = f"forward_keys[{i}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping with at least name and key")
+    for key in raw:
+        if key not in _FORWARD_KEY_FIELDS:
+            raise _unknown(key, _FORWARD_KEY_FIELDS, where + ".")
+    for key in ("name", "key"):
+        if not isinstance(raw.get(key), str) or not raw[key]:
+            raise ConfigError(f"{where}.{key}: is required (a non-empty string)")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in ("models", "routes"):
+            values[key] = _str_list(value, f"{where}.{key}")
+        elif key == "expires" and not isinstance(value, str):
+            values[key] = str(value)  # YAML reads 2027-01-01 as a date
+        elif not isinstance(value, str):
+            raise ConfigError(f"{where}.{key}: {_show(key, value)} is not a string")
+        else:
+            values[key] = value
+    return ForwardKeyConfig(**values)
+
+
+def parse_expiry(text: str, key: str) -> float:
+    """An ISO date or date-time (UTC unless it says otherwise) as epoch seconds."""
+    from datetime import datetime, timezone
+
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ConfigError(f"{key}: {text!r} is not a date such as 2027-01-01") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
+def _validate_forward_keys(cfg: Config) -> None:
+    names: set[str] = set()
+    for i, fk in enumerate(cfg.forward_keys):
+        where = f"forward_keys[{i}]"
+        if fk.name in names:
+            raise ConfigError(f"{where}.name: {fk.name!r} is used twice")
+        names.add(fk.name)
+        if not fk.key.startswith("fk-") or len(fk.key) < 32 or any(c in fk.key for c in " \r\n\0"):
+            raise ConfigError(
+                f"{where}.key: must start with 'fk-' and be at least 32 characters "
+                "(openai-forward keys create makes one)"
+            )
+        if fk.expires:
+            parse_expiry(fk.expires, f"{where}.expires")
+    if cfg.client_keys not in CLIENT_KEY_MODES:
+        raise ConfigError(f"client_keys: {cfg.client_keys!r} is not one of auto, allow, deny")
+
+
 def _validate_upstreams(cfg: Config) -> None:
     names: dict[str, int] = {}
     defaults: dict[str, str] = {}
@@ -401,14 +476,17 @@ def load(
     """
     values: dict[str, Any] = {}
     raw_upstreams: Any = None
+    raw_forward_keys: Any = None
     data = _expand(dict(file or {}), "", environ)
     for key, raw in data.items():
         if key == "upstreams":
             raw_upstreams = raw
+        elif key == "forward_keys":
+            raw_forward_keys = raw
         elif key in _FLAT:
             values[key] = _convert(str(key), raw, _FLAT[key])
         else:
-            raise _unknown(key, [*_FLAT, "upstreams"], "")
+            raise _unknown(key, [*_FLAT, *_LISTS], "")
     for key, kind in _FLAT.items():
         name = env_name(key)
         if name in environ:
@@ -427,8 +505,15 @@ def load(
         if not isinstance(raw_upstreams, list):
             raise ConfigError("upstreams: expected a list of upstreams")
         values["upstreams"] = tuple(_upstream(raw, i) for i, raw in enumerate(raw_upstreams))
+    if raw_forward_keys is not None:
+        if not isinstance(raw_forward_keys, list):
+            raise ConfigError("forward_keys: expected a list of keys")
+        values["forward_keys"] = tuple(
+            _forward_key(raw, i) for i, raw in enumerate(raw_forward_keys)
+        )
     values["log_level"] = str(values.get("log_level", "info")).lower()
     cfg = Config(**values)
     _validate(cfg)
     _validate_upstreams(cfg)
+    _validate_forward_keys(cfg)
     return cfg

@@ -57,6 +57,7 @@ class Request:
         "ctx",
         "expect_continue",
         "headers",
+        "identity",
         "keep_alive",
         "method",
         "on_body_done",
@@ -95,6 +96,7 @@ class Request:
         self.on_overflow: Callable[[], None] | None = None
         self.ctx: Any = None  # the application's per-request data
         self.client_ip = ""  # set by the application when it resolves X-Forwarded-For
+        self.identity: Any = None  # the application's idea of who is asking
 
     @property
     def has_body(self) -> bool:

@@ -23,6 +23,7 @@ from urllib.parse import quote_from_bytes
 
 from . import errors
 from .access import AccessRules
+from .auth import CREDENTIAL_HEADERS, ForwardKeys, allowed_model, allowed_route
 from .config import Config, UpstreamConfig, access_rules
 from .errors import GatewayError, new_request_id
 from .http1 import Request
@@ -48,6 +49,9 @@ HOP_BY_HOP = frozenset(
     }
 )
 REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"forwarded"}
+FORWARD_KEY_DROP = (
+    REQUEST_DROP | CREDENTIAL_HEADERS | {b"openai-organization", b"openai-project"}
+)
 
 UPLOAD_PREFIXES = (
     "/v1/files",
@@ -146,11 +150,17 @@ class Proxy:
         self.body_limit = config.max_body_size
         self.upload_limit = config.max_upload_size
         self.max_fallbacks = config.max_fallbacks
+        self.forward = ForwardKeys(config)
         self.rules: AccessRules = access_rules(config)
         self.check_ip = self.rules.active
         self.resolve_ip = self.check_ip or bool(config.trusted_proxies)
 
+    def start(self) -> None:
+        """Background work of a running worker: following the forward-key store."""
+        self.forward.start(self.loop)
+
     def close(self) -> None:
+        self.forward.close()
         for target in self.targets.values():
             target.pool.close()
 
@@ -175,7 +185,15 @@ class Proxy:
                     403, "ip_not_allowed", "Requests from this address are not allowed."
                 )
         route, rest = found
-        path = with_v1(rest) if route.openai else rest
+        identity = self.forward.identify(req.headers)
+        forwarded = with_v1(rest) if route.openai else rest
+        if identity is not None:
+            names = [t.name for t in route.targets]
+            as_sent = route.prefix.rstrip("/") + forwarded
+            if not allowed_route(identity, names, (path, as_sent)):
+                raise GatewayError(403, "route_not_allowed", "This API key may not use this path.")
+            req.identity = identity
+        path = forwarded
         req.path = path
         req.query = query
         req.ctx = route
@@ -202,9 +220,11 @@ class Proxy:
         lines = [b"", target.host_line]
         credential: bytes | None = None
         extra: frozenset[bytes] | None = None
+        # a forward key, and the account headers it could steer, stay here
+        strip = FORWARD_KEY_DROP if req.identity is not None else REQUEST_DROP
         for name, value in req.headers:
             lname = name.lower()
-            if lname in REQUEST_DROP:
+            if lname in strip:
                 if lname == b"connection":
                     extra = _connection_tokens(req.headers) or None
                 continue
@@ -263,19 +283,19 @@ class Proxy:
         req.on_lost = relay.client_lost
         route: Route = req.ctx
         try:
-            if route.by_model:
-                if req.method == b"GET" and req.path == "/v1/models":
-                    relay.task = self.loop.create_task(self.list_models(relay, route))
-                    return
-                if req.has_body and _is_json(req):
-                    # the model in the body picks the upstream: wait for the whole body
-                    req.buffer_limit = req.body_limit
-                    req.want_body()
-                    if req.body_complete:
-                        self._route_by_model(relay, route)
-                    else:
-                        req.on_body_done = lambda: self._route_by_model(relay, route)
-                    return
+            if route.by_model and req.method == b"GET" and req.path == "/v1/models":
+                relay.task = self.loop.create_task(self.list_models(relay, route))
+                return
+            scoped = req.identity is not None and req.identity.models
+            if (route.by_model or scoped) and req.has_body and _is_json(req):
+                # the body's model picks the upstream or is checked: wait for the whole body
+                req.buffer_limit = req.body_limit
+                req.want_body()
+                if req.body_complete:
+                    self._route_by_model(relay, route)
+                else:
+                    req.on_body_done = lambda: self._route_by_model(relay, route)
+                return
             relay.begin(self.targets[route.default.name])
         except Exception:
             relay.internal_error()
@@ -285,6 +305,13 @@ class Proxy:
         req.on_body_done = None
         try:
             model = read_model(b"".join(req.pending or ()))
+            if req.identity is not None and not allowed_model(req.identity, model):
+                raise GatewayError(
+                    403,
+                    "model_not_allowed",
+                    f"This API key may not use the model '{(model or '')[:200]}'.",
+                    param="model",
+                )
             relay.begin(self.targets[route.pick(model).name])
         except GatewayError as exc:
             relay.fail_before_response(exc)

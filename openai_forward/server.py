@@ -95,6 +95,7 @@ def run_worker(config: Config, sock: socket.socket) -> int:
 async def _worker(config: Config, sock: socket.socket) -> None:
     loop = asyncio.get_running_loop()
     proxy = Proxy(config, loop)
+    proxy.start()
     connections: set[ServerProtocol] = set()
     server = await loop.create_server(
         lambda: ServerProtocol(proxy, config, connections), sock=sock, backlog=2048
