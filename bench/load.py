@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import resource
 import sys
 import time
@@ -35,6 +36,8 @@ from urllib.parse import urlsplit
 
 import uvloop
 
+# the key every request carries; BENCH_API_KEY=fk-... measures the forward-key path
+API_KEY = os.environ.get("BENCH_API_KEY", "sk-bench-0123456789abcdef0123456789abcdef")
 EXPECTED_EVENTS = 50
 _perf = time.perf_counter
 
@@ -56,7 +59,7 @@ def build_request(host: str, prefix: str, mode: str, chunk_delay: float) -> byte
         f"Host: {host}\r\n"
         "User-Agent: openai-forward-bench/1\r\n"
         "Accept: application/json\r\n"
-        "Authorization: Bearer sk-bench-0123456789abcdef0123456789abcdef\r\n"
+        f"Authorization: Bearer {API_KEY}\r\n"
         "Content-Type: application/json\r\n"
         f"Content-Length: {len(raw)}\r\n\r\n"
     ).encode()

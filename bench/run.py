@@ -135,7 +135,10 @@ def post_ok(host: str, port: int, path: str = "/v1/chat/completions") -> bool:
             "POST",
             path,
             body=b'{"model":"gpt-4o-mini","messages":[]}',
-            headers={"Content-Type": "application/json", "Authorization": "Bearer sk-x"},
+            headers={
+                "Content-Type": "application/json",
+                "Authorization": "Bearer " + os.environ.get("BENCH_API_KEY", "sk-x"),
+            },
         )
         r = c.getresponse()
         r.read()

@@ -87,6 +87,7 @@ def _no_duplicate_model(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 # Fields the gateway reads: a duplicate would let two parsers disagree on what was asked.
 _INTERPRETED = frozenset({"model", "stream", "stream_options", "n", "max_tokens"})
+_INTERPRETED_QUOTED = tuple(f'"{name}"'.encode() for name in _INTERPRETED)
 
 
 def read_model(body: bytes) -> str | None:
@@ -95,8 +96,13 @@ def read_model(body: bytes) -> str | None:
     Raises 400 invalid_json for a body that is not a JSON object or repeats a field the
     gateway interprets (Python keeps the last value, other parsers the first).
     """
+    # The duplicate check costs a hook call per object; it is only needed when one of the
+    # interpreted names appears twice at all, which a byte count tells cheaply.
+    hook = None
+    if any(body.count(name) > 1 for name in _INTERPRETED_QUOTED):
+        hook = _no_duplicate_model
     try:
-        data = json.loads(body, object_pairs_hook=_no_duplicate_model)
+        data = json.loads(body, object_pairs_hook=hook)
     except (ValueError, RecursionError) as exc:
         raise GatewayError(
             400, "invalid_json", f"The request body is not valid JSON ({str(exc)[:80]})."
