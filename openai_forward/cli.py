@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--all", action="store_true", help="include revoked keys")
     revoke = actions.add_parser("revoke", help="refuse a key from now on (every worker, < 1 s)")
     revoke.add_argument("key", metavar="NAME|ID")
+    for action in (create, listing, revoke):  # also accepted after the action
+        action.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        action.add_argument("--database", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 

@@ -287,7 +287,7 @@ class Proxy:
                 relay.task = self.loop.create_task(self.list_models(relay, route))
                 return
             scoped = req.identity is not None and req.identity.models
-            if (route.by_model or scoped) and req.has_body and _is_json(req):
+            if (route.by_model or scoped) and req.has_body and not _is_multipart(req):
                 # the body's model picks the upstream or is checked: wait for the whole body
                 req.buffer_limit = req.body_limit
                 req.want_body()
@@ -711,10 +711,13 @@ class Relay:
         self.client.finish(req, reusable=not close)
 
 
-def _is_json(req: Request) -> bool:
+def _is_multipart(req: Request) -> bool:
+    """Uploads: their model (if any) is a form field, not read by the gateway. Every other
+    body is read as JSON when the model matters, whatever its Content-Type claims, so a
+    client cannot slip past a model scope by mislabelling its body."""
     for name, value in req.headers:
         if name.lower() == b"content-type":
-            return value.split(b";", 1)[0].strip().lower() == b"application/json"
+            return value.split(b";", 1)[0].strip().lower() == b"multipart/form-data"
     return False
 
 
