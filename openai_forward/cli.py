@@ -68,13 +68,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"openai-forward: configuration error: {exc}", file=sys.stderr)
         return 2
     if args.command == "check":
-        print(json.dumps(config.masked(), indent=2))
+        shown = config.masked()
+        shown["key_pools"] = _key_pools(config)
+        print(json.dumps(shown, indent=2))
         return 0
     if args.command == "keys":
         return _keys(args, config)
     from .server import serve
 
     return serve(config)
+
+
+def _key_pools(config: Config) -> dict[str, str]:
+    """Each upstream's key pool as a worker starts it (ids only, never keys)."""
+    from .keypool import KeyPool
+
+    return {
+        up.name: repr(KeyPool(up.all_keys, quarantine=config.key_quarantine))
+        for up in config.routes
+        if up.all_keys
+    }
 
 
 def _split(text: str) -> tuple[str, ...]:

@@ -49,9 +49,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"forwarded"}
-FORWARD_KEY_DROP = (
-    REQUEST_DROP | CREDENTIAL_HEADERS | {b"openai-organization", b"openai-project"}
-)
+FORWARD_KEY_DROP = REQUEST_DROP | CREDENTIAL_HEADERS | {b"openai-organization", b"openai-project"}
 
 UPLOAD_PREFIXES = (
     "/v1/files",

@@ -18,6 +18,7 @@ import time
 
 from .config import Config
 from .http1 import ServerProtocol
+from .keypool import key_id
 from .proxy import Proxy
 
 log = logging.getLogger("openai_forward")
@@ -65,7 +66,9 @@ def serve(config: Config) -> int:
             target.port,
             target.base_path,
             f", models {', '.join(up.models)}" if up.models else "",
-            f", {len(up.all_keys)} key(s)" if up.all_keys else "",
+            f", keys {' '.join(key_id(k.encode()) for k in dict.fromkeys(up.all_keys))}"
+            if up.all_keys
+            else "",
             ", via proxy" if up.proxy or config.proxy else "",
         )
     if config.workers == 1:

@@ -113,3 +113,13 @@ def test_both_seed_commands_are_installed():
         out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=20)
         assert out.returncode == 0
         assert out.stdout.startswith("openai-forward ")
+
+
+def test_check_shows_each_key_pool_by_id_only():
+    out = _cli("check", env={"OPENAI_API_KEY": "sk-live-0123456789abcdef"})
+    assert out.returncode == 0, out.stderr
+    pools = json.loads(out.stdout)["key_pools"]
+    assert list(pools) == ["default"]
+    assert pools["default"].startswith("<KeyPool 1 key: key-")
+    assert "ready" in pools["default"]
+    assert "0123456789" not in out.stdout
