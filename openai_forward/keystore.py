@@ -232,12 +232,7 @@ class KeyStore:
         except sqlite3.Error as exc:
             raise KeyStoreError(f"cannot open key store {path}: {exc}") from None
         try:
-            conn.execute("PRAGMA busy_timeout = 5000")  # = BUSY_TIMEOUT_MS
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-            if mode is None or str(mode[0]).lower() != "wal":
-                raise KeyStoreError(f"key store {path}: cannot switch the file to WAL mode")
-            conn.execute("PRAGMA synchronous = FULL")
-            self._init_schema(conn)
+            self._set_up(conn)
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise KeyStoreError(
@@ -248,6 +243,26 @@ class KeyStore:
             conn.close()
             raise
         self._conn = conn
+
+    def _set_up(self, conn: sqlite3.Connection) -> None:
+        """WAL mode and the schema. Switching the journal mode does not wait for a lock held
+        by another process creating the same file at the same moment: retry until the busy
+        timeout instead."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                conn.execute("PRAGMA busy_timeout = 5000")  # = BUSY_TIMEOUT_MS
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+                if mode is None or str(mode[0]).lower() != "wal":
+                    raise KeyStoreError(f"key store {self.path}: cannot switch to WAL mode")
+                conn.execute("PRAGMA synchronous = FULL")
+                self._init_schema(conn)
+                return
+            except sqlite3.OperationalError as exc:
+                busy = "locked" in str(exc) or "busy" in str(exc)
+                if not busy or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01 + secrets.randbelow(20) / 1000)
 
     def _init_schema(self, conn: sqlite3.Connection) -> None:
         row = conn.execute(
