@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from urllib.parse import unquote
 
 from .config import Config, ForwardKeyConfig, parse_expiry
 from .errors import GatewayError
@@ -60,6 +61,22 @@ def client_token(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
     return None
 
 
+def query_token(query: str) -> bytes | None:
+    """The first query parameter value that is a forward key."""
+    for param in query.split("&"):
+        value = param.partition("=")[2]
+        if value.startswith(KEY_PREFIX):
+            return unquote(value).encode()
+    return None
+
+
+def strip_query_keys(query: str) -> str:
+    """The query without parameters whose value is a forward key."""
+    if KEY_PREFIX not in query:
+        return query
+    return "&".join(p for p in query.split("&") if not p.partition("=")[2].startswith(KEY_PREFIX))
+
+
 class ForwardKeys:
     """The forward keys one worker knows; ``identify`` is the hot-path call."""
 
@@ -82,10 +99,15 @@ class ForwardKeys:
         # auto: from the first forward key on, revoking them all does not reopen the door
         return self.client_keys == "deny" or bool(self.keys) or self._ever
 
-    def identify(self, headers: Sequence[tuple[bytes, bytes]]) -> ForwardKey | None:
+    def identify(
+        self, headers: Sequence[tuple[bytes, bytes]], query: str = ""
+    ) -> ForwardKey | None:
         """The forward key of a request, None for a client that brings its own upstream key
-        (when that is allowed). Raises 401 invalid_api_key otherwise."""
+        (when that is allowed). Raises 401 invalid_api_key otherwise. A forward key in the
+        query string (``?key=fk-...``, as some clients send keys) counts too."""
         token = client_token(headers)
+        if token is None and KEY_PREFIX in query:
+            token = query_token(query)
         if token is not None and token.startswith(_PREFIX):
             found = self.keys.get(key_digest(token))
             if found is None:

@@ -23,7 +23,13 @@ from urllib.parse import quote_from_bytes
 
 from . import errors
 from .access import AccessRules
-from .auth import CREDENTIAL_HEADERS, ForwardKeys, allowed_model, allowed_route
+from .auth import (
+    CREDENTIAL_HEADERS,
+    ForwardKeys,
+    allowed_model,
+    allowed_route,
+    strip_query_keys,
+)
 from .config import Config, UpstreamConfig, access_rules
 from .errors import GatewayError, new_request_id
 from .http1 import Request
@@ -183,7 +189,7 @@ class Proxy:
                     403, "ip_not_allowed", "Requests from this address are not allowed."
                 )
         route, rest = found
-        identity = self.forward.identify(req.headers)
+        identity = self.forward.identify(req.headers, query)
         forwarded = with_v1(rest) if route.openai else rest
         if identity is not None:
             names = [t.name for t in route.targets]
@@ -191,6 +197,7 @@ class Proxy:
             if not allowed_route(identity, names, (path, as_sent)):
                 raise GatewayError(403, "route_not_allowed", "This API key may not use this path.")
             req.identity = identity
+            query = strip_query_keys(query)  # the forward key stays here
         path = forwarded
         req.path = path
         req.query = query

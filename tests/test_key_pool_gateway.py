@@ -164,3 +164,35 @@ def test_a_bad_ip_rule_is_refused_at_start_naming_the_setting(tmp_path):
     )
     assert out.returncode == 2
     assert "allow_ips[1]: '10.0.0.300/8' is not an IP address or network" in out.stderr
+
+
+FORWARD = "fk-query-0123456789abcdefghijklmnopqrstuv"
+
+
+@pytest.mark.parametrize("auth", ["bearer", "query:key"])
+def test_a_forward_key_in_the_query_is_used_and_never_forwarded(
+    gateway_factory, upstream, tmp_path, auth
+):
+    path = tmp_path / "gateway.yaml"
+    doc = {
+        "database": str(tmp_path / "keys.db"),
+        "forward_keys": [{"name": "q", "key": FORWARD}],
+        "upstreams": [{"name": "o", "base_url": upstream.url, "keys": [GOOD], "auth": auth}],
+    }
+    path.write_text(json.dumps(doc))
+    # this fake accepts any key, wherever it is (the default one wants Authorization)
+    upstream.script("GET", "/v1/models", Reply(headers=JSON, body=b'{"object": "list"}'))
+    gw = gateway_factory(upstream.url, api_key=None, args=["--config", str(path)])
+    ok = httpx.get(f"{gw.url}/v1/models?key={FORWARD}&limit=2", timeout=10)
+    assert ok.status_code == 200
+    [rec] = upstream.requests
+    assert FORWARD not in rec.target and "fk-" not in rec.target
+    assert_no_secret(rec.headers, rec.target, secret=FORWARD)
+    if auth == "bearer":
+        assert rec.header("authorization") == f"Bearer {GOOD}"
+        assert rec.query == "limit=2"
+    else:
+        assert rec.query == f"limit=2&key={GOOD}"
+    wrong = httpx.get(f"{gw.url}/v1/models?key=fk-unknown-000000000000000000000000000", timeout=10)
+    assert wrong.status_code == 401
+    assert len(upstream.requests) == 1
