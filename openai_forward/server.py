@@ -161,14 +161,17 @@ def supervise(config: Config, sock: socket.socket) -> int:
         if stopping and deadline is None:
             deadline = time.monotonic() + config.shutdown_timeout + 5
         try:
-            pid, status = os.waitpid(-1, os.WNOHANG if deadline else 0)
+            # polled, not blocking: a stop signal must be able to start the kill deadline
+            # even while every worker is still busy draining
+            pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             break
         if pid == 0:
             if deadline is not None and time.monotonic() > deadline:
                 for child in children:
-                    os.kill(child, signal.SIGKILL)
-            time.sleep(0.05)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child, signal.SIGKILL)
+            time.sleep(0.1)
             continue
         started = children.pop(pid, None)
         if started is None:
