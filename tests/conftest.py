@@ -140,6 +140,24 @@ def start_gateway(
     )
 
 
+def run_cli(
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: str | Path | None = None,
+    timeout: float = 20,
+) -> subprocess.CompletedProcess[str]:
+    """``python -m openai_forward ARGS`` with no OPENAI_* variable inherited, plus ``env``."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI")}
+    return subprocess.run(
+        [sys.executable, "-m", "openai_forward", *args],
+        env={**base, **(env or {})},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 # --------------------------------------------------------------------------- secret scanning
 
 

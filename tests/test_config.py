@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from openai_forward.config import Config, ConfigError, env_name, load, parse_base_url
 
@@ -80,14 +80,7 @@ def test_masked_settings_never_show_the_key():
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI")}
-    return subprocess.run(
-        [sys.executable, "-m", "openai_forward", *args],
-        env={**base, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
+    return run_cli(*args, env=env)
 
 
 def test_check_prints_the_effective_configuration_with_the_key_masked():

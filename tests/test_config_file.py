@@ -7,15 +7,13 @@ a good file must show its effective values with every secret masked.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import assert_no_secret, free_port, start_gateway
+from conftest import assert_no_secret, free_port, run_cli, start_gateway
 
 PREFIX = "openai-forward: configuration error: "
 
@@ -28,14 +26,7 @@ PROXY_PASSWORD = "pr0xyPa55w0rdQZ"
 def cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 20
 ) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI")}
-    return subprocess.run(
-        [sys.executable, "-m", "openai_forward", *args],
-        env={**base, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_cli(*args, env=env, timeout=timeout)
 
 
 def write(tmp_path: Path, text: str, name: str = "gateway.yaml") -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import GatewayProcess, assert_no_secret, start_gateway
+from conftest import GatewayProcess, assert_no_secret, run_cli, start_gateway
 from fakeupstream import FakeUpstream, Recorded, Reply
 from rawhttp import RawConn
 
@@ -49,14 +49,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "openai_forward", *args],
-        cwd=cwd,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
+    return run_cli(*args, cwd=cwd)
 
 
 def create_key(db: Path, name: str, *options: str) -> str:
