@@ -139,3 +139,35 @@ def test_a_bad_request_pipelined_behind_a_stream_waits_for_the_stream_to_finish(
         assert second.json()["error"]["code"] == "invalid_request"
         assert conn.is_closed(2.0)
     assert [r.path for r in upstream.requests] == ["/v1/x-slow"]
+
+
+def test_hundreds_of_slowloris_connections_do_not_starve_real_clients(gateway_factory, upstream):
+    """TESTING A16 (iii): 300 connections sending a head that never ends hold no worker
+    hostage; real clients are served meanwhile and the slow ones are cut at the deadline."""
+    gw = gateway_factory(upstream.url, env={"OPENAI_FORWARD_HEADER_TIMEOUT": "2"})
+    slow: list[socket.socket] = []
+    try:
+        for _ in range(300):
+            s = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            slow.append(s)
+        started = time.monotonic()
+        statuses = []
+        for i in range(30):
+            with httpx.Client(timeout=5) as client:  # a new connection each time
+                statuses.append(client.get(f"{gw.url}/v1/models?i={i}").status_code)
+        assert statuses == [200] * 30
+        assert len(upstream.requests) == 30  # nothing of the slow ones went upstream
+        closed = 0
+        for s in slow:
+            s.settimeout(max(0.1, started + 6 - time.monotonic()))
+            try:
+                data = s.recv(65536)  # the 408, then EOF; or EOF at once
+                if data == b"" or data.startswith(b"HTTP/1.1 408"):
+                    closed += 1
+            except (TimeoutError, OSError):
+                pass
+        assert closed == 300
+    finally:
+        for s in slow:
+            s.close()
