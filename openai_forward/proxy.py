@@ -18,8 +18,6 @@ import math
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any
-from urllib.parse import quote_from_bytes
 
 from . import errors
 from .access import AccessRules
@@ -30,12 +28,13 @@ from .auth import (
     allowed_route,
     strip_query_keys,
 )
-from .config import Config, UpstreamConfig, access_rules
+from .config import Config, access_rules
 from .errors import GatewayError, new_request_id
 from .http1 import Request
-from .keypool import Key, KeyPool, error_code, retry_after
+from .keypool import Key, error_code, retry_after
 from .paths import PathError, canonicalize, split_target, with_v1
 from .routing import Route, Router, read_model
+from .targets import Target, model_list, union_models
 from .upstream import Pool, UpstreamConnection
 
 log = logging.getLogger("openai_forward")
@@ -83,57 +82,6 @@ def _drop_named(lines: list[bytes], start: int, names: frozenset[bytes]) -> list
     """``lines[start:]`` are "name: value" lines; drop those whose name is in ``names``."""
     kept = [ln for ln in lines[start:] if ln.split(b":", 1)[0].lower() not in names]
     return lines[:start] + kept
-
-
-class Target:
-    """A configured upstream at run time: its pool, and how requests to it are written."""
-
-    __slots__ = (
-        "auth",
-        "base",
-        "config",
-        "fallbacks",
-        "header_name",
-        "host_line",
-        "keys",
-        "name",
-        "pool",
-        "query_key",
-    )
-
-    def __init__(self, config: UpstreamConfig, pool: Pool, quarantine: float = 300.0) -> None:
-        up = config.upstream
-        self.config = config
-        self.name = config.name
-        self.pool = pool
-        self.base = up.base_path.encode()
-        self.host_line = b"host: " + up.host_header
-        self.auth = config.auth
-        # how a client's own key looks in this scheme, besides Authorization
-        auth = config.auth
-        self.header_name = auth.encode() if auth in ("api-key", "x-api-key") else None
-        self.query_key = auth[6:].encode() + b"=" if auth.startswith("query:") else None
-        self.keys = KeyPool(config.all_keys, quarantine=quarantine) if config.all_keys else None
-        self.fallbacks: tuple[Target, ...] = ()
-
-    def any_key(self, now: float) -> bytes | None:
-        """A ready key for the gateway's own small requests (no in-flight accounting)."""
-        if self.keys is None:
-            return None
-        key = self.keys.acquire(now)
-        if key is None:
-            return None
-        self.keys.release(key)
-        return key.secret
-
-    def credential(self, key: bytes) -> tuple[bytes | None, bytes | None]:
-        """(header line, query parameter) that carries ``key`` in this upstream's scheme."""
-        auth = self.auth
-        if auth == "bearer":
-            return b"authorization: Bearer " + key, None
-        if auth == "api-key" or auth == "x-api-key":
-            return auth.encode() + b": " + key, None
-        return None, auth[6:].encode() + b"=" + quote_from_bytes(key, safe="").encode()
 
 
 class Proxy:
@@ -336,24 +284,9 @@ class Proxy:
             )
         except asyncio.CancelledError:
             return
-        models: list[Any] = []
-        seen: set[str] = set()
-        for target, result in zip(targets, results, strict=True):
-            listed = _model_list(result)
-            if listed is None:  # unreachable: what the configuration names exactly
-                listed = [
-                    {"id": m, "object": "model", "created": 0, "owned_by": target.name}
-                    for m in target.config.models
-                    if not any(c in m for c in "*?[")
-                ]
-            for item in listed:
-                model_id = item.get("id")
-                fresh = isinstance(model_id, str) and model_id not in seen
-                if fresh and route.serves(target.config, model_id):
-                    seen.add(model_id)
-                    models.append(item)
+        models = union_models(route, targets, results)
         relay.task = None
-        if not models and all(_model_list(r) is None for r in results):
+        if not models and all(model_list(r) is None for r in results):
             relay.fail_before_response(errors.upstream_connect_error())
             return
         body = json.dumps({"object": "list", "data": models}, separators=(",", ":")).encode()
@@ -724,17 +657,6 @@ def _is_multipart(req: Request) -> bool:
         if name.lower() == b"content-type":
             return value.split(b";", 1)[0].strip().lower() == b"multipart/form-data"
     return False
-
-
-def _model_list(result: object) -> list[Any] | None:
-    """The ``data`` of a successful /v1/models answer, or None."""
-    if not isinstance(result, tuple) or result[0] != 200:
-        return None
-    try:
-        data = json.loads(result[1]).get("data")
-    except (ValueError, AttributeError):
-        return None
-    return [m for m in data if isinstance(m, dict)] if isinstance(data, list) else None
 
 
 def _json_response(req: Request, status: bytes, body: bytes) -> bytes:
