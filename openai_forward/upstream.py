@@ -87,8 +87,8 @@ class UpstreamConnection(asyncio.Protocol):
         listener = self.listener
         if listener is None:
             return
-        if self._until_close and self._status:
-            self._complete()
+        if self._until_close and self._status and exc is None:
+            self._complete()  # a body delimited by the close: a clean EOF ends it
             return
         stale = not self._got_bytes and self.requests > 1
         self._fail(errors.upstream_disconnected(), stale)
