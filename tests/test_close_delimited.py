@@ -34,6 +34,15 @@ def close_upstream() -> Iterator[tuple[str, dict[str, bool]]]:
                 data = b""
                 while b"\r\n\r\n" not in data:
                     data += conn.recv(65536)
+                # read the whole body: closing with unread bytes would send a reset, not a FIN
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                while len(body) < length:
+                    body += conn.recv(65536)
                 conn.sendall(HEAD + b"data: one\n\n")
                 if mode["reset"]:
                     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
