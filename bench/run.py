@@ -128,24 +128,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def post_ok(host: str, port: int, path: str = "/v1/chat/completions") -> bool:
+def _answers_200(host: str, port: int, method: str, path: str, **kw: Any) -> bool:
     try:
         c = http.client.HTTPConnection(host, port, timeout=2)
-        c.request(
-            "POST",
-            path,
-            body=b'{"model":"gpt-4o-mini","messages":[]}',
-            headers={
-                "Content-Type": "application/json",
-                "Authorization": "Bearer " + os.environ.get("BENCH_API_KEY", "sk-x"),
-            },
-        )
+        c.request(method, path, **kw)
         r = c.getresponse()
         r.read()
         c.close()
         return r.status == 200
     except OSError:
         return False
+
+
+def post_ok(host: str, port: int, path: str = "/v1/chat/completions") -> bool:
+    headers = {
+        "Content-Type": "application/json",
+        "Authorization": "Bearer " + os.environ.get("BENCH_API_KEY", "sk-x"),
+    }
+    body = b'{"model":"gpt-4o-mini","messages":[]}'
+    return _answers_200(host, port, "POST", path, body=body, headers=headers)
 
 
 def upstream_stats(upstream: str) -> dict[str, int]:
@@ -162,15 +163,7 @@ def upstream_stats(upstream: str) -> dict[str, int]:
 
 
 def get_ok(host: str, port: int, path: str) -> bool:
-    try:
-        c = http.client.HTTPConnection(host, port, timeout=2)
-        c.request("GET", path)
-        r = c.getresponse()
-        r.read()
-        c.close()
-        return r.status == 200
-    except OSError:
-        return False
+    return _answers_200(host, port, "GET", path)
 
 
 # ----------------------------------------------------------------------------- measuring

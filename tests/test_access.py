@@ -77,7 +77,10 @@ def test_the_error_names_the_configured_key() -> None:
     ],
 )
 def test_valid_entries_are_accepted(entry: str) -> None:
-    AccessRules(allow=[entry], deny=[entry], trusted_proxies=[entry])
+    rules = AccessRules(allow=[entry], deny=[entry], trusted_proxies=[entry])
+    assert rules.active
+    network = ipaddress.ip_network(entry.strip().replace("%eth0", ""), strict=False)
+    assert not rules.allowed(str(network.network_address))  # listed in deny, deny wins
 
 
 @pytest.mark.parametrize(
