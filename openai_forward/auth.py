@@ -45,6 +45,8 @@ def declared_keys(entries: Sequence[ForwardKeyConfig]) -> dict[bytes, ForwardKey
             routes=entry.routes,
             expires_at=expires,
             source="config",
+            limits=entry.limits,
+            budget=entry.budget,
         )
     return out
 
@@ -170,9 +172,13 @@ def allowed_route(key: ForwardKey, upstreams: Sequence[str], paths: Sequence[str
     """A key scoped to routes may use the upstreams it names, and the paths under the path
     prefixes it names ("/v1/chat/completions", "/deepseek"), matched at segment boundaries
     against the request's canonical path as sent and as forwarded (with /v1)."""
-    if not key.routes:
-        return True
-    for entry in key.routes:
+    return not key.routes or route_matches(key.routes, upstreams, paths)
+
+
+def route_matches(entries: Sequence[str], upstreams: Sequence[str], paths: Sequence[str]) -> bool:
+    """Whether one of ``entries`` (upstream names, or path prefixes matched at segment
+    boundaries) covers a request to ``upstreams`` at ``paths``."""
+    for entry in entries:
         if not entry.startswith("/"):
             if entry in upstreams:
                 return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -12,6 +13,18 @@ from typing import Any
 
 from . import __version__
 from .config import Config, ConfigError, load, parse_expiry, read_file
+
+_POLICY_FLAGS = (
+    ("rpm", "requests per minute for this key"),
+    ("tpm", "tokens per minute for this key"),
+    ("concurrent", "requests in flight at once for this key"),
+    ("tokens_per_day", "token budget per UTC day"),
+    ("tokens_per_month", "token budget per UTC month"),
+    ("tokens_total", "token budget in total"),
+    ("cost_per_day", "spending budget per UTC day (the prices table's money)"),
+    ("cost_per_month", "spending budget per UTC month"),
+    ("cost_total", "spending budget in total"),
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
         "--routes", default="", help="allowed path prefixes or upstream names, comma-separated"
     )
     create.add_argument("--expires", help="expiry date, e.g. 2027-01-01 (UTC)")
+    for flag, text in _POLICY_FLAGS:
+        create.add_argument("--" + flag.replace("_", "-"), dest=flag, help=text)
     listing = actions.add_parser("list", help="names, ids, prefixes, scopes and expiry")
     listing.add_argument("--json", action="store_true", help="JSON for machines")
     listing.add_argument("--all", action="store_true", help="include revoked keys")
@@ -51,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     for action in (create, listing, revoke):  # also accepted after the action
         action.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         action.add_argument("--database", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    from . import report
+
+    report.add_parser(sub)
     return parser
 
 
@@ -59,7 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         _parser().print_help()
         return 2
-    skip = ("command", "config", "action", "name", "models", "routes", "expires", "json", "all")
+    skip = (
+        *("command", "config", "action", "name", "models", "routes", "expires", "json", "all"),
+        *("by", "since", "until"),
+        *(flag for flag, _ in _POLICY_FLAGS),
+    )
     overrides = {k: v for k, v in vars(args).items() if k not in (*skip, "key")}
     path = args.config or os.environ.get("OPENAI_FORWARD_CONFIG")
     try:
@@ -74,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "keys":
         return _keys(args, config)
+    if args.command == "usage":
+        from . import report
+
+        return report.run(args, config)
     from .server import serve
 
     return serve(config)
@@ -111,8 +137,14 @@ def _keys(args: argparse.Namespace, config: Config) -> int:
 def _key_action(args: argparse.Namespace, store: Any) -> int:
     if args.action == "create":
         expires = parse_expiry(args.expires, "--expires") if args.expires else None
+        limits, budget = _policy(args)
         record, key = store.create(
-            args.name, models=_split(args.models), routes=_split(args.routes), expires_at=expires
+            args.name,
+            models=_split(args.models),
+            routes=_split(args.routes),
+            expires_at=expires,
+            limits=limits,
+            budget=budget,
         )
         print(key)
         print(
@@ -128,7 +160,7 @@ def _key_action(args: argparse.Namespace, store: Any) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    columns = ("name", "id", "prefix", "models", "routes", "expires", "state")
+    columns = ("name", "id", "prefix", "models", "routes", "limits", "budget", "expires", "state")
     table = [columns, *[tuple(str(r[c]) for c in columns) for r in rows]]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     for line in table:
@@ -148,6 +180,28 @@ def _row(key: Any) -> dict[str, Any]:
         "prefix": key.prefix,
         "models": ",".join(key.models) or "*",
         "routes": ",".join(key.routes) or "*",
+        "limits": _numbers(key.limits),
+        "budget": _numbers(key.budget),
         "expires": expires,
         "state": state,
     }
+
+
+def _policy(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The limits and budget asked for with ``keys create`` flags (None where none)."""
+    from .limitconfig import BUDGET_FIELDS, parse_budget, parse_limits
+
+    given = {flag: getattr(args, flag) for flag, _ in _POLICY_FLAGS if getattr(args, flag, None)}
+    limit_part = {k: v for k, v in given.items() if k not in BUDGET_FIELDS}
+    budget_part = {k: v for k, v in given.items() if k in BUDGET_FIELDS}
+    limits = parse_limits(limit_part, "--limits") if limit_part else None
+    budget = parse_budget(budget_part, "--budget") if budget_part else None
+    return limits, budget
+
+
+def _numbers(policy: Any) -> str:
+    """``rpm=10,concurrent=2``: the non-zero numbers of a Limits or Budget, or ``-``."""
+    if not policy:
+        return "-"
+    values = dataclasses.asdict(policy)
+    return ",".join(f"{k}={v:g}" for k, v in values.items() if v)

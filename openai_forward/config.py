@@ -15,8 +15,11 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from .limitconfig import Budget, LimitRule, Limits, Price
 
 ENV_PREFIX = "OPENAI_FORWARD_"
 
@@ -66,6 +69,7 @@ class UpstreamConfig:
     models: tuple[str, ...] = ()
     fallbacks: tuple[str, ...] = ()
     proxy: str = field(default="", repr=False)
+    stream_usage: bool = True
 
     @property
     def upstream(self) -> Upstream:
@@ -85,6 +89,8 @@ class ForwardKeyConfig:
     models: tuple[str, ...] = ()
     routes: tuple[str, ...] = ()
     expires: str = ""
+    limits: Limits | None = None
+    budget: Budget | None = None
 
 
 CLIENT_KEY_MODES = ("auto", "allow", "deny")
@@ -126,8 +132,17 @@ class Config:
     proxy: str = field(default="", repr=False)
     database: str = "openai-forward.db"
     client_keys: str = "auto"
+    # usage accounting, limits and budgets
+    usage: bool = True
+    usage_flush_interval: float = 1.0
+    state: str = field(default="", repr=False)
+    state_timeout: float = 0.1
+    state_slots: int = 65536
+    reserve_tokens: int = 4096
     upstreams: tuple[UpstreamConfig, ...] = ()
     forward_keys: tuple[ForwardKeyConfig, ...] = ()
+    limits: tuple[LimitRule, ...] = ()
+    prices: tuple[Price, ...] = ()
 
     @property
     def upstream(self) -> Upstream:
@@ -151,6 +166,7 @@ class Config:
                     entry[key] = _mask_url(entry[key]) if key == "proxy" else "***"
             if entry.get("keys"):
                 entry["keys"] = ["***"] * len(entry["keys"])
+        out["state"] = _mask_url(self.state)
         return out
 
 
@@ -235,6 +251,23 @@ def _validate(cfg: Config) -> None:
         parse_proxy_url(cfg.proxy, "proxy")
     access_rules(cfg)
     parse_base_url(cfg.base_url)
+    _validate_state(cfg.state)
+
+
+def _validate_state(url: str) -> None:
+    if not url:
+        return
+    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            f"state: {_mask_url(url)!r} is not a redis://, rediss:// or unix:// URL "
+            "(leave it empty for the embedded store)"
+        )
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "state: a Redis URL needs the redis package: pip install 'openai-forward[redis]'"
+        ) from None
 
 
 def access_rules(cfg: Config) -> Any:
@@ -262,7 +295,7 @@ def env_name(key: str) -> str:
     return ENV_ALIASES.get(key, ENV_PREFIX + key.upper())
 
 
-_LISTS = ("upstreams", "forward_keys")
+_LISTS = ("upstreams", "forward_keys", "limits", "prices")
 _FLAT = {f.name: f.type for f in fields(Config) if f.name not in _LISTS}
 _UPSTREAM_FIELDS = {f.name: f.type for f in fields(UpstreamConfig)}
 _FORWARD_KEY_FIELDS = {f.name: f.type for f in fields(ForwardKeyConfig)}
@@ -341,6 +374,8 @@ def _upstream(raw: Any, i: int) -> UpstreamConfig:
     for key, value in raw.items():
         if key in ("keys", "models", "fallbacks"):
             values[key] = _str_list(value, f"{where}.{key}")
+        elif key == "stream_usage":
+            values[key] = _convert(f"{where}.{key}", value, bool)
         elif not isinstance(value, str):
             raise ConfigError(f"{where}.{key}: {_show(key, value)} is not a string")
         else:
@@ -349,6 +384,8 @@ def _upstream(raw: Any, i: int) -> UpstreamConfig:
 
 
 def _forward_key(raw: Any, i: int) -> ForwardKeyConfig:
+    from .limitconfig import parse_budget, parse_limits
+
     where = f"forward_keys[{i}]"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping with at least name and key")
@@ -364,6 +401,10 @@ def _forward_key(raw: Any, i: int) -> ForwardKeyConfig:
             values[key] = _str_list(value, f"{where}.{key}")
         elif key == "expires" and not isinstance(value, str):
             values[key] = str(value)  # YAML reads 2027-01-01 as a date
+        elif key == "limits":
+            values[key] = parse_limits(value, f"{where}.limits")
+        elif key == "budget":
+            values[key] = parse_budget(value, f"{where}.budget")
         elif not isinstance(value, str):
             raise ConfigError(f"{where}.{key}: {_show(key, value)} is not a string")
         else:
@@ -465,6 +506,37 @@ def _route(route: str) -> str:
     return canonical.rstrip("/") or "/"
 
 
+def _yaml_value(name: str, text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"{name}: is not valid YAML or JSON") from None
+
+
+def _parse_lists(lists: Mapping[str, Any]) -> dict[str, Any]:
+    """The structured settings (upstreams, forward_keys, limits, prices), parsed."""
+    from .limitconfig import parse_prices, parse_rules
+
+    out: dict[str, Any] = {}
+    for key, raw in lists.items():
+        if raw is None:
+            continue
+        if key == "limits":
+            out[key] = parse_rules(raw)
+        elif key == "prices":
+            out[key] = parse_prices(raw)
+        elif not isinstance(raw, list):
+            what = "upstreams" if key == "upstreams" else "keys"
+            raise ConfigError(f"{key}: expected a list of {what}")
+        elif key == "upstreams":
+            out[key] = tuple(_upstream(entry, i) for i, entry in enumerate(raw))
+        else:
+            out[key] = tuple(_forward_key(entry, i) for i, entry in enumerate(raw))
+    return out
+
+
 def load(
     environ: Mapping[str, str],
     overrides: Mapping[str, Any] | None = None,
@@ -475,14 +547,11 @@ def load(
     Raises ConfigError with a message naming the key, the value and what was expected.
     """
     values: dict[str, Any] = {}
-    raw_upstreams: Any = None
-    raw_forward_keys: Any = None
+    lists: dict[str, Any] = {}
     data = _expand(dict(file or {}), "", environ)
     for key, raw in data.items():
-        if key == "upstreams":
-            raw_upstreams = raw
-        elif key == "forward_keys":
-            raw_forward_keys = raw
+        if key in _LISTS:
+            lists[key] = raw
         elif key in _FLAT:
             values[key] = _convert(str(key), raw, _FLAT[key])
         else:
@@ -491,26 +560,14 @@ def load(
         name = env_name(key)
         if name in environ:
             values[key] = _convert(name, environ[name], kind)
-    if "OPENAI_FORWARD_UPSTREAMS" in environ:
-        import yaml
-
-        try:
-            raw_upstreams = yaml.safe_load(environ["OPENAI_FORWARD_UPSTREAMS"])
-        except yaml.YAMLError:
-            raise ConfigError("OPENAI_FORWARD_UPSTREAMS: is not valid YAML or JSON") from None
+    for key in _LISTS:
+        name = env_name(key)
+        if name in environ:
+            lists[key] = _yaml_value(name, environ[name])
     for key, raw in (overrides or {}).items():
         if raw is not None:
             values[key] = _convert(f"--{key.replace('_', '-')}", raw, _FLAT[key])
-    if raw_upstreams is not None:
-        if not isinstance(raw_upstreams, list):
-            raise ConfigError("upstreams: expected a list of upstreams")
-        values["upstreams"] = tuple(_upstream(raw, i) for i, raw in enumerate(raw_upstreams))
-    if raw_forward_keys is not None:
-        if not isinstance(raw_forward_keys, list):
-            raise ConfigError("forward_keys: expected a list of keys")
-        values["forward_keys"] = tuple(
-            _forward_key(raw, i) for i, raw in enumerate(raw_forward_keys)
-        )
+    values.update(_parse_lists(lists))
     values["log_level"] = str(values.get("log_level", "info")).lower()
     cfg = Config(**values)
     _validate(cfg)

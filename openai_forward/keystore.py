@@ -37,11 +37,14 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .limitconfig import Budget, Limits
 
 KEY_PREFIX = "fk-"
 ID_PREFIX = "fkid_"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the policy column (limits and budget)
 BUSY_TIMEOUT_MS = 5000
 
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -60,23 +63,24 @@ _SCHEMA = (
     " routes TEXT NOT NULL DEFAULT '[]',"
     " expires_at REAL,"
     " revoked_at REAL,"
-    " created_at REAL NOT NULL)",
+    " created_at REAL NOT NULL,"
+    " policy TEXT NOT NULL DEFAULT '{}')",
     # a name is unique among the keys not revoked; a revoked key's name may be reused
     "CREATE UNIQUE INDEX IF NOT EXISTS forward_keys_active_name"
     " ON forward_keys (name) WHERE revoked_at IS NULL",
 )
 # Every statement is a constant; values are always bound as parameters.
 _SELECT = (
-    "SELECT id, name, prefix, digest, models, routes, expires_at, revoked_at, created_at"
-    " FROM forward_keys"
+    "SELECT id, name, prefix, digest, models, routes, expires_at, revoked_at, created_at,"
+    " policy FROM forward_keys"
 )
 _LIST_ACTIVE = _SELECT + " WHERE revoked_at IS NULL ORDER BY created_at, rowid"
 _LIST_ALL = _SELECT + " ORDER BY created_at, rowid"
 _FIND_ACTIVE = _SELECT + " WHERE revoked_at IS NULL AND (id = ? OR name = ?) LIMIT 1"
 _INSERT = (
     "INSERT INTO forward_keys"
-    " (id, name, prefix, digest, models, routes, expires_at, revoked_at, created_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?)"
+    " (id, name, prefix, digest, models, routes, expires_at, revoked_at, created_at, policy)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)"
 )
 
 
@@ -119,6 +123,8 @@ class ForwardKey:
     revoked_at: float | None = None
     created_at: float = 0.0
     source: str = "db"
+    limits: Limits | None = None
+    budget: Budget | None = None
 
     def active(self, now_epoch: float) -> bool:
         """Not revoked, and not expired at ``now_epoch`` (a key expires at ``expires_at``)."""
@@ -191,7 +197,30 @@ def _row(row: tuple[Any, ...]) -> ForwardKey:
         revoked_at=row[7],
         created_at=row[8],
         source="db",
+        **_policy(row[9]),
     )
+
+
+def _policy(text: str) -> dict[str, Any]:
+    """A key's limits and budget from their stored JSON (checked when written)."""
+    from .limitconfig import parse_budget, parse_limits
+
+    data = json.loads(text or "{}")
+    out: dict[str, Any] = {}
+    if data.get("limits"):
+        out["limits"] = parse_limits(data["limits"], "limits")
+    if data.get("budget"):
+        out["budget"] = parse_budget(data["budget"], "budget")
+    return out
+
+
+def _policy_text(limits: Limits | None, budget: Budget | None) -> str:
+    data: dict[str, Any] = {}
+    if limits:
+        data["limits"] = {k: v for k, v in dataclasses.asdict(limits).items() if v}
+    if budget:
+        data["budget"] = {k: v for k, v in dataclasses.asdict(budget).items() if v}
+    return json.dumps(data, sort_keys=True)
 
 
 def _create_file(path: str) -> None:
@@ -292,6 +321,23 @@ class KeyStore:
                 f"key store {self.path} has schema version {found[0]}, newer than this "
                 f"openai-forward understands ({SCHEMA_VERSION}); upgrade openai-forward"
             )
+        if found[0] < 2:
+            self._migrate_to_2(conn)
+
+    def _migrate_to_2(self, conn: sqlite3.Connection) -> None:
+        """Schema 1 → 2: keys gain limits and a budget (stored as JSON, '{}' for none)."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            columns = [r[1] for r in conn.execute("PRAGMA table_info(forward_keys)")]
+            if "policy" not in columns:
+                conn.execute(
+                    "ALTER TABLE forward_keys ADD COLUMN policy TEXT NOT NULL DEFAULT '{}'"
+                )
+            conn.execute("UPDATE meta SET v = 2 WHERE k = 'schema_version'")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     # plumbing
 
@@ -330,6 +376,8 @@ class KeyStore:
         routes: Sequence[str] = (),
         expires_at: float | None = None,
         now: float | None = None,
+        limits: Limits | None = None,
+        budget: Budget | None = None,
     ) -> tuple[ForwardKey, str]:
         """Create a key named ``name`` (unique among keys not revoked).
 
@@ -359,6 +407,8 @@ class KeyStore:
                     routes=route_list,
                     expires_at=expires,
                     created_at=created,
+                    limits=limits or None,
+                    budget=budget or None,
                 )
                 clash = conn.execute(
                     "SELECT 1 FROM forward_keys WHERE id = ? OR digest = ?",
@@ -379,6 +429,7 @@ class KeyStore:
                     json.dumps(list(record.routes)),
                     record.expires_at,
                     record.created_at,
+                    _policy_text(record.limits, record.budget),
                 ),
             )
         return record, plain

@@ -18,9 +18,12 @@ import math
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 from . import errors
 from .access import AccessRules
+from .accounting import TOKEN_PATHS, USAGE_OPTION_PATHS, Account, Meter
+from .admission import Charge, rate_headers, refusal
 from .auth import (
     CREDENTIAL_HEADERS,
     ForwardKeys,
@@ -28,12 +31,13 @@ from .auth import (
     allowed_route,
     strip_query_keys,
 )
+from .body import BodyError, RequestFacts, read_facts, with_include_usage
 from .config import Config, access_rules
 from .errors import GatewayError, new_request_id
 from .http1 import Request
 from .keypool import Key, error_code, retry_after
 from .paths import PathError, canonicalize, split_target, with_v1
-from .routing import Route, Router, read_model
+from .routing import Route, Router
 from .targets import Target, model_list, union_models
 from .upstream import Pool, UpstreamConnection
 
@@ -87,7 +91,7 @@ def _drop_named(lines: list[bytes], start: int, names: frozenset[bytes]) -> list
 class Proxy:
     """The application the server protocol drives: one per worker, no per-request state."""
 
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, state: Any = None) -> None:
         self.loop = loop
         self.targets: dict[str, Target] = {}
         for up in config.routes:
@@ -106,10 +110,26 @@ class Proxy:
         self.rules: AccessRules = access_rules(config)
         self.check_ip = self.rules.active
         self.resolve_ip = self.check_ip or bool(config.trusted_proxies)
+        self.meter = Meter(config, loop, state)
+        self._seeding: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        """Background work of a running worker: following the forward-key store."""
+        """Background work of a running worker: following the forward-key store, writing
+        usage records."""
         self.forward.start(self.loop)
+        self.meter.start()
+        if self.meter.store is not None:
+            self._seeding = self.loop.create_task(self._seed_budgets())
+
+    async def _seed_budgets(self) -> None:
+        await self.forward.refresh(self.loop)
+        budgeted = [k.id for k in self.forward.keys.values() if self.meter.has_budget(k)]
+        await self.meter.load_seeds(budgeted)
+
+    async def aclose(self) -> None:
+        """Stop: flush the usage records, then close connections and the key store."""
+        await self.meter.aclose()
+        self.close()
 
     def close(self) -> None:
         self.forward.close()
@@ -231,33 +251,62 @@ class Proxy:
 
     def handle(self, req: Request) -> None:
         """Forward ``req``. With a pooled connection at hand the request goes out now, in
-        this callback; otherwise a task opens a connection first. Never raises."""
+        this callback; otherwise a task opens a connection first. Never raises.
+
+        The policies, in order: model routing and scope (when the body says which model),
+        admission (rate limits, budgets), then the upstream attempt(s)."""
         relay = Relay(self, req)
         req.on_lost = relay.client_lost
         route: Route = req.ctx
+        meter = self.meter
         try:
+            if meter.active:
+                relay.acct = Account(req.path, route.prefix, self.loop.time())
             if route.by_model and req.method == b"GET" and req.path == "/v1/models":
                 relay.task = self.loop.create_task(self.list_models(relay, route))
                 return
-            scoped = req.identity is not None and req.identity.models
-            if (route.by_model or scoped) and req.has_body and not _is_multipart(req):
-                # the body's model picks the upstream or is checked: wait for the whole body
+            if req.has_body and self._wants_body(req, route) and not _is_multipart(req):
+                # the body's model picks the upstream, is checked or is accounted for
                 req.buffer_limit = req.body_limit
                 req.want_body()
                 if req.body_complete:
-                    self._route_by_model(relay, route)
+                    self._with_body(relay, route)
                 else:
-                    req.on_body_done = lambda: self._route_by_model(relay, route)
+                    req.on_body_done = lambda: self._with_body(relay, route)
                 return
-            relay.begin(self.targets[route.default.name])
+            self._admit(relay, self.targets[route.default.name], None)
         except Exception:
             relay.internal_error()
 
-    def _route_by_model(self, relay: Relay, route: Route) -> None:
+    def _wants_body(self, req: Request, route: Route) -> bool:
+        if self._strict_body(req, route):
+            return True
+        return self.meter.recording and req.method == b"POST" and req.path in TOKEN_PATHS
+
+    def _strict_body(self, req: Request, route: Route) -> bool:
+        """Whether the request cannot go on without a valid JSON body to read."""
+        identity = req.identity
+        if route.by_model or (identity is not None and identity.models):
+            return True
+        admission = self.meter.admission
+        return admission.applies(identity) and admission.needs_body(identity)
+
+    def _with_body(self, relay: Relay, route: Route) -> None:
         req = relay.req
         req.on_body_done = None
         try:
-            model = read_model(b"".join(req.pending or ()))
+            body = b"".join(req.pending or ())
+            strict = self._strict_body(req, route)
+            try:
+                facts: RequestFacts | None = read_facts(body)
+            except BodyError as exc:
+                if strict:
+                    raise GatewayError(400, "invalid_json", str(exc)) from None
+                facts = None  # not ours to judge: the upstream answers it
+            model = facts.model if facts is not None else None
+            if strict and facts is not None and model is None and "model" in facts.obj:
+                message = "'model' must be a string."
+                raise GatewayError(400, "invalid_request", message, param="model")
             if req.identity is not None and not allowed_model(req.identity, model):
                 raise GatewayError(
                     403,
@@ -265,11 +314,94 @@ class Proxy:
                     f"This API key may not use the model '{(model or '')[:200]}'.",
                     param="model",
                 )
-            relay.begin(self.targets[route.pick(model).name])
+            target = self.targets[route.pick(model).name]
+            acct = relay.acct
+            if acct is not None and facts is not None and req.path in TOKEN_PATHS:
+                acct.facts = facts
+                if (
+                    facts.stream
+                    and not facts.include_usage
+                    and req.path in USAGE_OPTION_PATHS
+                    and target.config.type == "openai"
+                    and target.config.stream_usage
+                ):
+                    _replace_body(req, with_include_usage(body, facts))
+                    acct.strip = True
+            self._admit(relay, target, facts)
         except GatewayError as exc:
             relay.fail_before_response(exc)
         except Exception:
             relay.internal_error()
+
+    def _admit(self, relay: Relay, target: Target, facts: RequestFacts | None) -> None:
+        """Rate limits and budgets: reserve, then send; or refuse with 429."""
+        meter = self.meter
+        store = meter.store
+        req = relay.req
+        if store is None or not meter.admission.applies(req.identity):
+            relay.begin(target)
+            return
+        seeding = self._seeding
+        if seeding is not None and not seeding.done() and req.identity and req.identity.budget:
+            # a budget must not be judged before the spending recorded so far is known
+            relay.task = self.loop.create_task(self._admit_after(seeding, relay, target, facts))
+            return
+        plan = meter.plan(req, [t.name for t in req.ctx.targets], facts)
+        if plan is None:
+            relay.begin(target)
+            return
+        if store.is_async:
+            relay.task = self.loop.create_task(self._admit_later(relay, target, plan))
+            return
+        self._admitted(relay, target, plan, store.admit(plan[0]))
+
+    async def _admit_after(
+        self,
+        seeding: asyncio.Task[None],
+        relay: Relay,
+        target: Target,
+        facts: RequestFacts | None,
+    ) -> None:
+        try:
+            await asyncio.shield(seeding)
+        except asyncio.CancelledError:
+            return
+        except Exception:
+            pass  # logged by the seeding itself; budgets then start from zero
+        relay.task = None
+        try:
+            self._admit(relay, target, facts)
+        except Exception:
+            relay.internal_error()
+
+    async def _admit_later(self, relay: Relay, target: Target, plan: Any) -> None:
+        try:
+            decision = await self.meter.store.admit(plan[0])
+        except asyncio.CancelledError:
+            return
+        except Exception:
+            relay.internal_error()
+            return
+        relay.task = None
+        if relay.client.transport is None:
+            return
+        try:
+            self._admitted(relay, target, plan, decision)
+        except Exception:
+            relay.internal_error()
+
+    def _admitted(self, relay: Relay, target: Target, plan: Any, decision: Any) -> None:
+        _, tokens, cost, price = plan
+        acct = relay.acct
+        if acct is not None:
+            acct.charge = Charge(decision, tokens, cost, price)
+        if not decision.allowed:
+            relay.fail_before_response(refusal(decision))
+            return
+        if acct is not None:
+            acct.rate_lines = rate_headers(decision.states) or None
+        self.meter.hold(decision)
+        relay.begin(target)
 
     async def list_models(self, relay: Relay, route: Route) -> None:
         """GET /v1/models on a shared route: the union of what its upstreams serve."""
@@ -293,6 +425,7 @@ class Proxy:
         req.on_lost = None
         req.responded = True
         relay.client.write(_json_response(req, b"200 OK", body))
+        relay.account_end(200)
         relay.client.finish(req, reusable=True)
 
 
@@ -300,6 +433,7 @@ class Relay:
     """One request's journey: upstream attempt(s) and the copy of the response."""
 
     __slots__ = (
+        "acct",
         "chunked",
         "client",
         "conn",
@@ -316,6 +450,7 @@ class Relay:
         "retried",
         "reused",
         "sse",
+        "status",
         "target",
         "task",
         "tried_keys",
@@ -341,6 +476,8 @@ class Relay:
         self.tried_keys: list[Key] = []
         self.discard: bytearray | None = None  # a failed answer read and dropped, to retry
         self.observe: bytearray | None = None  # a relayed 429's body, to learn why
+        self.acct: Account | None = None
+        self.status = 0
 
     def begin(self, target: Target) -> None:
         """Send the request to ``target``: now on an idle pooled connection, else once a new
@@ -521,6 +658,13 @@ class Relay:
             lines.append(name + b": " + value)
         if extra is not None:
             lines = _drop_named(lines, 1, extra)
+        self.status = status
+        acct = self.acct
+        if acct is not None:
+            self._account_head(acct, status, headers)
+            if acct.rate_lines is not None:  # the gateway's limits are the client's limits
+                lines = [ln for ln in lines if ln[:12].lower() != b"x-ratelimit-"]
+                lines.extend(acct.rate_lines)
         if self.sse:
             lines.append(b"x-accel-buffering: no")
         bodyless = req.method == b"HEAD" or status in _NO_BODY_STATUS
@@ -545,6 +689,16 @@ class Relay:
             self._keep_error_body(data)
             if self.discard is not None:
                 return
+        acct = self.acct
+        if acct is not None:
+            if acct.ttfb is None:
+                acct.ttfb = self.proxy.loop.time()
+            if acct.observer is not None:
+                shown = acct.observer.feed(data)
+                if shown is not None:
+                    data = shown
+                    if not data:
+                        return  # held until its line ends
         if self.chunked:
             self.out.append(b"%x\r\n%b\r\n" % (len(data), data))
         else:
@@ -578,6 +732,12 @@ class Relay:
             return
         if self.observe is not None and self.key is not None:
             self._learn_quota(self.key, self.observe)
+        acct = self.acct
+        if acct is not None:
+            tail = acct.observer.end() if acct.strip and acct.observer is not None else b""
+            if tail:
+                self.out.append(b"%x\r\n%b\r\n" % (len(tail), tail) if self.chunked else tail)
+            self.account_end(self.status)
         self._release_key()
         if self.chunked:
             self.out.append(b"0\r\n\r\n")
@@ -604,6 +764,7 @@ class Relay:
                 self.fail_before_response(error)
             return
         self.flush()
+        self.account_end(self.status, error.code)
         self._release_key()
         req.on_lost = None
         log.warning("upstream failed mid-response: %s", error.code)
@@ -614,10 +775,36 @@ class Relay:
             self.client.abort()
         self.client.finish(req, reusable=False)
 
+    # accounting
+
+    def _account_head(self, acct: Account, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        assert self.target is not None
+        acct.upstream = self.target.name
+        acct.on_head(status, headers, self.sse)
+
+    def account_end(self, status: int, error_code: str | None = None) -> None:
+        """Settle limits and record usage, once, however the request ended."""
+        acct = self.acct
+        if acct is not None and not acct.done:
+            key = self.key
+            if acct.upstream is None and self.target is not None:
+                acct.upstream = self.target.name
+            try:
+                self.proxy.meter.finish(self.req, acct, status, error_code, key.id if key else None)
+            except Exception:  # accounting must never break the relay
+                acct.done = True
+                log.exception("could not account for request %s", acct.request_id)
+
     # the client side
 
     def client_lost(self) -> None:
         """The client went away: drop the upstream request now; it is not the upstream's fault."""
+        if self.acct is not None:
+            self.acct.client_closed = True
+            self.account_end(self.status if self.req.responded else 499, "client_closed")
+        self._drop_upstream()
+
+    def _drop_upstream(self) -> None:
         self.req.on_body_done = self.req.on_overflow = None
         self._release_key()
         if self.task is not None:
@@ -628,13 +815,14 @@ class Relay:
 
     def internal_error(self) -> None:
         log.exception("internal error while forwarding %s", self.req.path)
-        self.client_lost()
+        self._drop_upstream()
         self.fail_before_response(
             GatewayError(500, "internal_error", "The gateway failed to handle the request.")
         )
 
     def fail_before_response(self, error: GatewayError) -> None:
         req = self.req
+        self.account_end(self.status if req.responded else error.status, error.code)
         self._release_key()
         req.on_lost = req.on_body_done = req.on_overflow = None
         req.detach()
@@ -647,6 +835,14 @@ class Relay:
         head_only = req.method == b"HEAD"
         self.client.write(error.response(new_request_id(), close=close, head_only=head_only))
         self.client.finish(req, reusable=not close)
+
+
+def _replace_body(req: Request, body: bytes) -> None:
+    """Send ``body`` upstream instead of what the client sent (whole and already read)."""
+    req.pending = [body]
+    req.body_bytes = len(body)
+    req.content_length = len(body)
+    req.chunked = False
 
 
 def _is_multipart(req: Request) -> bool:

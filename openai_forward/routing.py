@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-import json
 from collections.abc import Sequence
-from typing import Any
 
 from .config import UpstreamConfig, _route
 from .errors import GatewayError
@@ -74,42 +72,3 @@ class Router:
             if path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/"):
                 return route, path[len(prefix) :] or "/"
         return None
-
-
-def _no_duplicate_model(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen and key in _INTERPRETED:
-            raise ValueError(f"duplicate {key!r}")
-        seen[key] = value
-    return seen
-
-
-# Fields the gateway reads: a duplicate would let two parsers disagree on what was asked.
-_INTERPRETED = frozenset({"model", "stream", "stream_options", "n", "max_tokens"})
-_INTERPRETED_QUOTED = tuple(f'"{name}"'.encode() for name in _INTERPRETED)
-
-
-def read_model(body: bytes) -> str | None:
-    """The ``model`` of a JSON request body, or None if it names none.
-
-    Raises 400 invalid_json for a body that is not a JSON object or repeats a field the
-    gateway interprets (Python keeps the last value, other parsers the first).
-    """
-    # The duplicate check costs a hook call per object; it is only needed when one of the
-    # interpreted names appears twice at all, which a byte count tells cheaply.
-    hook = None
-    if any(body.count(name) > 1 for name in _INTERPRETED_QUOTED):
-        hook = _no_duplicate_model
-    try:
-        data = json.loads(body, object_pairs_hook=hook)
-    except (ValueError, RecursionError) as exc:
-        raise GatewayError(
-            400, "invalid_json", f"The request body is not valid JSON ({str(exc)[:80]})."
-        ) from None
-    if not isinstance(data, dict):
-        raise GatewayError(400, "invalid_json", "The request body must be a JSON object.")
-    model = data.get("model")
-    if model is not None and not isinstance(model, str):
-        raise GatewayError(400, "invalid_request", "'model' must be a string.", param="model")
-    return model

@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import time
+from typing import Any
 
 from .config import Config
 from .http1 import ServerProtocol
@@ -76,6 +77,18 @@ def serve(config: Config) -> int:
     return supervise(config, sock)
 
 
+def state_store(config: Config, shared: Any = None) -> Any:
+    """Where limit counters live: Redis when ``state`` names it, else the memory shared by
+    the workers (several), else this process's memory (one worker)."""
+    from .limits import LocalStore
+
+    if config.state:
+        from .redisstore import RedisStore
+
+        return RedisStore(config.state, timeout=config.state_timeout, fallback=LocalStore())
+    return shared if shared is not None else LocalStore()
+
+
 def _new_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop
@@ -84,20 +97,22 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def run_worker(config: Config, sock: socket.socket) -> int:
+def run_worker(config: Config, sock: socket.socket, shared: Any = None, index: int = 0) -> int:
     loop = _new_loop()
     asyncio.set_event_loop(loop)
+    if shared is not None:
+        shared.attach(index)
     try:
-        loop.run_until_complete(_worker(config, sock))
+        loop.run_until_complete(_worker(config, sock, state_store(config, shared)))
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
     return 0
 
 
-async def _worker(config: Config, sock: socket.socket) -> None:
+async def _worker(config: Config, sock: socket.socket, state: Any) -> None:
     loop = asyncio.get_running_loop()
-    proxy = Proxy(config, loop)
+    proxy = Proxy(config, loop, state)
     proxy.start()
     connections: set[ServerProtocol] = set()
     server = await loop.create_server(
@@ -117,16 +132,21 @@ async def _worker(config: Config, sock: socket.socket) -> None:
         await asyncio.sleep(0.05)
     for conn in list(connections):
         conn.abort()
-    proxy.close()
+    await proxy.aclose()
     await asyncio.sleep(0)
 
 
 def supervise(config: Config, sock: socket.socket) -> int:
     """Fork the workers, keep them running, stop them together."""
     stopping = False
-    children: dict[int, float] = {}
+    children: dict[int, tuple[float, int]] = {}
+    shared = None
+    if not config.state:
+        from .shmstore import SharedStore
 
-    def spawn() -> None:
+        shared = SharedStore(slots=config.state_slots, workers=config.workers)
+
+    def spawn(index: int) -> None:
         # A stop signal that arrives before the worker has its handlers must wait for them,
         # not kill it half-started: block across fork, the worker unblocks when ready.
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
@@ -136,13 +156,13 @@ def supervise(config: Config, sock: socket.socket) -> int:
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                code = run_worker(config, sock)
+                code = run_worker(config, sock, shared, index)
             except BaseException:
                 log.exception("worker failed")
             finally:
                 os._exit(code)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-        children[pid] = time.monotonic()
+        children[pid] = (time.monotonic(), index)
 
     def on_signal(signum: int, frame: object) -> None:
         nonlocal stopping
@@ -153,8 +173,8 @@ def supervise(config: Config, sock: socket.socket) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    for _ in range(config.workers):
-        spawn()
+    for index in range(config.workers):
+        spawn(index)
     code = 0
     deadline = None
     while children:
@@ -173,17 +193,20 @@ def supervise(config: Config, sock: socket.socket) -> int:
                         os.kill(child, signal.SIGKILL)
             time.sleep(0.1)
             continue
-        started = children.pop(pid, None)
-        if started is None:
+        entry = children.pop(pid, None)
+        if entry is None:
             continue
+        started, index = entry
         exit_code = os.waitstatus_to_exitcode(status)
         if stopping:
             if exit_code != 0:
                 code = 1
             continue
         log.error("worker %d exited with %d; starting a new one", pid, exit_code)
+        if shared is not None:
+            shared.reset_worker(index)  # the concurrency slots it held are free again
         if time.monotonic() - started < 1.0:
             time.sleep(1.0)  # a worker that dies at once: do not spin
-        spawn()
+        spawn(index)
     sock.close()
     return code

@@ -10,6 +10,7 @@ Fixtures (see /work/spec/FAKE_UPSTREAM.md):
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -51,6 +52,8 @@ class GatewayProcess:
         self.api_key = api_key
         self._log = log
         self._log_path = log_path
+        self.database = ""  # the SQLite file with its usage rows (and keys)
+        self.data_dir = ""
 
     def output(self) -> str:
         """Everything the gateway wrote to stdout and stderr so far."""
@@ -70,9 +73,11 @@ class GatewayProcess:
         return int(self.proc.returncode)
 
     def cleanup(self) -> None:
-        """Stop, and remove the log file."""
+        """Stop, and remove the log file and the gateway's own data directory."""
         self.stop()
         Path(self._log_path).unlink(missing_ok=True)
+        if self.data_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 def _get_status(port: int, path: str, timeout: float = 1.0) -> int | None:
@@ -105,6 +110,9 @@ def start_gateway(
         full_env["OPENAI_API_KEY"] = api_key
     full_env.update(env or {})
     full_env.setdefault("PYTHONUNBUFFERED", "1")
+    # the gateway runs in a directory of its own: its default database (usage rows) lands
+    # there, never in the repository
+    data_dir = tempfile.mkdtemp(prefix="gateway-data-")
     cmd = [
         sys.executable,
         "-m",
@@ -121,9 +129,18 @@ def start_gateway(
     fd, log_path = tempfile.mkstemp(prefix="gateway-", suffix=".log")
     log = os.fdopen(fd, "wb")
     proc = subprocess.Popen(
-        cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        cmd,
+        cwd=data_dir,
+        env=full_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
     )
     gw = GatewayProcess(proc, port, log, log_path, api_key)
+    gw.database = os.path.join(
+        data_dir, full_env.get("OPENAI_FORWARD_DATABASE", "openai-forward.db")
+    )
+    gw.data_dir = data_dir
     health = full_env.get("OPENAI_FORWARD_HEALTH_PATH", "/healthz")
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:

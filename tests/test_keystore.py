@@ -29,6 +29,7 @@ from openai_forward.keystore import (
     generate_key,
     key_digest,
 )
+from openai_forward.limitconfig import Budget, Limits
 
 REPO = Path(__file__).resolve().parent.parent
 BASE62 = set("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
@@ -303,9 +304,40 @@ def test_wal_mode_and_schema_version(store: KeyStore, db: str) -> None:
     conn = sqlite3.connect(db)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT v FROM meta WHERE k = 'schema_version'").fetchone()[0] == 1
+        assert conn.execute("SELECT v FROM meta WHERE k = 'schema_version'").fetchone()[0] == 2
     finally:
         conn.close()
+
+
+def test_schema_1_store_is_migrated_and_keeps_its_keys(tmp_path: Path) -> None:
+    """A key store written by the previous version gains the policy column on open; its
+    keys keep working, with no limits and no budget."""
+    path = str(tmp_path / "old.db")
+    with KeyStore(path) as store:
+        _, plain = store.create("old")
+    conn = sqlite3.connect(path)
+    conn.execute("ALTER TABLE forward_keys DROP COLUMN policy")
+    conn.execute("UPDATE meta SET v = 1 WHERE k = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with KeyStore(path) as store:
+        (record,) = store.list()
+        assert record.name == "old" and record.limits is None and record.budget is None
+        assert key_digest(plain) in store.load()
+        made, _ = store.create("new", limits=Limits(rpm=5))
+        assert made.limits == Limits(rpm=5)
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT v FROM meta WHERE k = 'schema_version'").fetchone()[0] == 2
+    conn.close()
+
+
+def test_limits_and_budget_are_stored_with_the_key(store: KeyStore) -> None:
+    limits = Limits(rpm=10, concurrent=2)
+    budget = Budget(tokens_per_day=1000, cost_per_month=2.5)
+    made, _ = store.create("capped", limits=limits, budget=budget)
+    (loaded,) = [k for k in store.list() if k.name == "capped"]
+    assert loaded.limits == limits and loaded.budget == budget
+    assert made.limits == limits and made.budget == budget
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import time
 import httpx
 import psutil
 import pytest
-from conftest import REPO, free_port
+from conftest import free_port
 from fakeupstream import Reply, sse
 
 SSE_HEADERS = [("Content-Type", "text/event-stream")]
@@ -41,14 +41,14 @@ def _wait_ready(port: int, timeout: float = 15.0) -> None:
     raise AssertionError("gateway did not become ready")
 
 
-def test_ctrl_c_to_the_process_group_stops_every_worker(upstream):
+def test_ctrl_c_to_the_process_group_stops_every_worker(upstream, tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
     env["OPENAI_BASE_URL"] = upstream.url
     cmd = [sys.executable, "-m", "openai_forward", "run", "--host", "127.0.0.1"]
     proc = subprocess.Popen(
         [*cmd, "--port", str(port), "--workers", "2"],
-        cwd=REPO,
+        cwd=tmp_path,  # its usage database lands there
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

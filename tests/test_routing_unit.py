@@ -7,9 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from openai_forward.body import BodyError, read_facts
 from openai_forward.config import UpstreamConfig
 from openai_forward.errors import GatewayError
-from openai_forward.routing import Route, Router, read_model
+from openai_forward.routing import Route, Router
 
 
 def up(name: str, route: str = "/", models: tuple[str, ...] = (), **kw: str) -> UpstreamConfig:
@@ -128,7 +129,8 @@ def test_serves_says_where_a_model_id_would_be_routed() -> None:
     assert SHARED.serves(globs, "deepseek-coder")
 
 
-# --------------------------------------------------------------------------- read_model
+# --------------------------------------------------------------------------- the model of a body
+# (model routing reads it with body.read_facts)
 
 
 @pytest.mark.parametrize(
@@ -142,8 +144,8 @@ def test_serves_says_where_a_model_id_would_be_routed() -> None:
         (b'{"model": "\\u0067pt-4o"}', "gpt-4o"),
     ],
 )
-def test_read_model_returns_the_model_of_a_json_object(body: bytes, model: str | None) -> None:
-    assert read_model(body) == model
+def test_read_facts_returns_the_model_of_a_json_object(body: bytes, model: str | None) -> None:
+    assert read_facts(body).model == model
 
 
 @pytest.mark.parametrize(
@@ -157,17 +159,15 @@ def test_read_model_returns_the_model_of_a_json_object(body: bytes, model: str |
         b'{"model": "a"} trailing',
     ],
 )
-def test_read_model_refuses_a_body_that_is_not_json(body: bytes) -> None:
-    with pytest.raises(GatewayError) as info:
-        read_model(body)
-    assert (info.value.status, info.value.code) == (400, "invalid_json")
+def test_read_facts_refuses_a_body_that_is_not_json(body: bytes) -> None:
+    with pytest.raises(BodyError):
+        read_facts(body)
 
 
 @pytest.mark.parametrize("body", [b'[{"model": "gpt-4o"}]', b'"gpt-4o"', b"42", b"null"])
-def test_read_model_refuses_json_that_is_not_an_object(body: bytes) -> None:
-    with pytest.raises(GatewayError) as info:
-        read_model(body)
-    assert (info.value.status, info.value.code) == (400, "invalid_json")
+def test_read_facts_refuses_json_that_is_not_an_object(body: bytes) -> None:
+    with pytest.raises(BodyError):
+        read_facts(body)
 
 
 @pytest.mark.parametrize(
@@ -178,18 +178,15 @@ def test_read_model_refuses_json_that_is_not_an_object(body: bytes) -> None:
         b'{"model": "gpt-4o", "n": 1, "n": 2}',
     ],
 )
-def test_read_model_refuses_a_repeated_interpreted_field(body: bytes) -> None:
-    with pytest.raises(GatewayError) as info:
-        read_model(body)
-    assert (info.value.status, info.value.code) == (400, "invalid_json")
+def test_read_facts_refuses_a_repeated_interpreted_field(body: bytes) -> None:
+    with pytest.raises(BodyError):
+        read_facts(body)
 
 
 @pytest.mark.parametrize("value", [b"1", b"true", b'["gpt-4o"]', b'{"id": "gpt-4o"}'])
-def test_read_model_refuses_a_model_that_is_not_a_string(value: bytes) -> None:
-    with pytest.raises(GatewayError) as info:
-        read_model(b'{"model": ' + value + b"}")
-    assert info.value.status == 400
-    assert info.value.param == "model"
+def test_a_model_that_is_not_a_string_is_no_model(value: bytes) -> None:
+    facts = read_facts(b'{"model": ' + value + b"}")
+    assert facts.model is None and "model" in facts.obj  # the proxy refuses it where it routes
 
 
 # --------------------------------------------------------------------------- property

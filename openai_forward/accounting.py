@@ -1,0 +1,303 @@
+"""Usage accounting: one record per request, written once, whatever way the request ends.
+
+A worker's :class:`Meter` owns the state store (limits), the admission policy and the
+record writer. Each forwarded request gets an :class:`Account`: the relay feeds it the
+response head and body (an observer that finds the upstream's usage without parsing what it
+only forwards) and calls :meth:`Meter.finish` exactly once at the end, which settles the
+limits with the real usage and queues the usage row (written to SQLite off the event loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from .admission import Admission, Charge, settle_deltas, usage_cost
+from .limitconfig import price_for
+from .records import RecordWriter, UsageRow
+from .usage import JsonUsage, StreamUsage, Usage
+
+if TYPE_CHECKING:
+    from .body import RequestFacts
+    from .config import Config
+    from .http1 import Request
+    from .keystore import ForwardKey
+    from .limitconfig import Price
+    from .limits import Bucket, Decision
+
+    Plan = tuple[list[Bucket], float, float, Price | None]
+
+log = logging.getLogger("openai_forward")
+
+# POST endpoints whose bodies and answers carry tokens
+TOKEN_PATHS = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings"}
+)
+# where the gateway may add stream_options.include_usage to learn a stream's usage
+USAGE_OPTION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+class Account:
+    """The accounting state of one request."""
+
+    __slots__ = (
+        "charge",
+        "client_closed",
+        "done",
+        "facts",
+        "key_id",
+        "observer",
+        "path",
+        "rate_lines",
+        "request_id",
+        "route",
+        "started",
+        "strip",
+        "ts",
+        "ttfb",
+        "upstream",
+    )
+
+    def __init__(self, path: str, route: str, started: float) -> None:
+        self.request_id = os.urandom(12).hex()
+        self.ts = time.time()
+        self.started = started
+        self.path = path
+        self.route = route
+        self.facts: RequestFacts | None = None
+        self.observer: JsonUsage | StreamUsage | None = None
+        self.strip = False  # the gateway asked for stream usage: hide it from the client
+        self.charge: Charge | None = None
+        self.rate_lines: list[bytes] | None = None
+        self.ttfb: float | None = None
+        self.upstream: str | None = None
+        self.key_id: str | None = None
+        self.client_closed = False
+        self.done = False
+
+    def on_head(self, status: int, headers: list[tuple[bytes, bytes]], sse: bool) -> None:
+        """The upstream answered: pick the observer that will find its usage."""
+        self.observer = None
+        if status >= 300 or self.facts is None:
+            return
+        if sse:
+            self.observer = StreamUsage(strip=self.strip)
+            return
+        encoding = b""
+        for name, value in headers:
+            if name.lower() == b"content-encoding":
+                encoding = value.strip().lower()
+        self.observer = JsonUsage(encoding)
+
+
+class Meter:
+    """Usage records, limits and budgets of one worker."""
+
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, store: Any) -> None:
+        self.loop = loop
+        self.config = config
+        self.recording = config.usage
+        self.writer = RecordWriter(config.database, interval=config.usage_flush_interval)
+        self.admission = Admission(config)
+        self.store = store
+        self._settling: set[asyncio.Task[None]] = set()
+        # concurrency leases held in a shared store, renewed while their requests run
+        self.leases: dict[int, Decision] = {}
+        self._renewing: asyncio.Task[None] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.recording or self.store is not None
+
+    def start(self) -> None:
+        if self.recording:
+            self.writer.start(self.loop)
+        if self.store is not None and self.store.is_async:
+            self._renewing = self.loop.create_task(self._renew_leases())
+
+    def hold(self, decision: Decision) -> None:
+        """Keep the concurrency leases of an admitted request alive until it settles."""
+        store = self.store
+        if (
+            store is not None
+            and store.is_async
+            and any(s.bucket.kind == "concurrent" for s in decision.states)
+        ):
+            self.leases[id(decision)] = decision
+
+    async def _renew_leases(self) -> None:
+        """A lease expires LEASE_SECONDS after its last renewal (so a crashed instance's
+        leases free themselves); a stream that lasts longer keeps its own."""
+        from .admission import LEASE_SECONDS
+
+        while True:
+            await asyncio.sleep(LEASE_SECONDS / 3)
+            if self.leases and self.store is not None:
+                try:
+                    await self.store.renew(list(self.leases.values()))
+                except Exception as exc:
+                    log.warning("could not renew concurrency leases: %s", type(exc).__name__)
+
+    async def aclose(self) -> None:
+        """Flush every pending row (graceful stop: no row lost) and close the store."""
+        if self._renewing is not None:
+            self._renewing.cancel()
+        if self._settling:
+            await asyncio.wait(self._settling, timeout=1.0)
+        if self.recording:
+            await self.writer.aclose()
+        close = getattr(self.store, "aclose", None)
+        if close is not None:
+            await close()
+
+    def has_budget(self, identity: ForwardKey) -> bool:
+        return bool(self.admission.limits_of(identity)[1])
+
+    async def load_seeds(self, ids: list[str]) -> None:
+        """Budgets start from what the database says each key already spent this period."""
+        from .admission import periods
+        from .records import RecordStore
+
+        if not ids or self.store is None or not os.path.exists(self.config.database):
+            return
+        span = periods(time.time())
+        spans = [("d" + span.day, span.day_start), ("m" + span.month, span.month_start)]
+        spans.append(("total", 0.0))
+
+        def read() -> dict[str, float]:
+            store = RecordStore(self.config.database)
+            try:
+                seeds: dict[str, float] = {}
+                for period_id, since in spans:
+                    for key_id, (tokens, cost) in store.spent(ids, since).items():
+                        seeds[f"key:{key_id}|budget|tokens|{period_id}"] = float(tokens)
+                        seeds[f"key:{key_id}|budget|cost|{period_id}"] = float(cost or 0.0)
+                return seeds
+            finally:
+                store.close()
+
+        try:
+            self.admission.seeds = await self.loop.run_in_executor(None, read)
+        except Exception as exc:
+            log.warning("could not read past spending for budgets: %s", type(exc).__name__)
+
+    # admission
+
+    def plan(self, req: Request, names: list[str], facts: RequestFacts | None) -> Plan | None:
+        """The buckets a request fills and what it reserves; None when no limit applies."""
+        paths = (req.ctx.prefix.rstrip("/") + req.path,)
+        plan = self.admission.buckets(req, names, paths, facts)
+        return plan if plan[0] else None
+
+    # the end of a request
+
+    def finish(
+        self,
+        req: Request,
+        acct: Account,
+        status: int,
+        error_code: str | None = None,
+        upstream_key: str | None = None,
+    ) -> None:
+        """Settle the limits and queue the usage row; runs once per request."""
+        if acct.done:
+            return
+        acct.done = True
+        usage, model = self._usage(acct, status)
+        charge = acct.charge
+        cost: float | None = None
+        if charge is not None:
+            price = charge.price
+            if price is None and model is not None:
+                price = price_for(self.config.prices, model)
+            cost = usage_cost(price, usage) if price is not None else None
+            self._settle(charge, usage.total, cost or 0.0)
+        elif self.config.prices and model is not None:
+            cost = usage_cost(price_for(self.config.prices, model), usage)
+        if not self.recording:
+            return
+        identity: ForwardKey | None = req.identity
+        now = self.loop.time()
+        self.writer.add(
+            UsageRow(
+                request_id=acct.request_id,
+                ts=acct.ts,
+                key_id=identity.id if identity is not None else None,
+                key_name=identity.name if identity is not None else None,
+                client_ip=req.client_ip or req.client.peer,
+                route=acct.route,
+                path=acct.path,
+                upstream=acct.upstream,
+                upstream_key=upstream_key,
+                model=model,
+                status=status,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                cached_tokens=usage.cached_tokens,
+                reasoning_tokens=usage.reasoning_tokens,
+                estimated=usage.estimated,
+                stream=isinstance(acct.observer, StreamUsage)
+                or bool(acct.facts and acct.facts.stream),
+                client_closed=acct.client_closed,
+                ttfb_ms=None if acct.ttfb is None else (acct.ttfb - acct.started) * 1000,
+                duration_ms=(now - acct.started) * 1000,
+                cost=cost,
+                error_code=error_code,
+            )
+        )
+
+    def _usage(self, acct: Account, status: int) -> tuple[Usage, str | None]:
+        """The upstream's own figures when it gave them, else an estimate (marked so)."""
+        facts = acct.facts
+        model = facts.model if facts is not None else None
+        observer = acct.observer
+        found: Usage | None = None
+        if isinstance(observer, StreamUsage):
+            found = observer.usage
+            model = model or observer.model
+        elif isinstance(observer, JsonUsage):
+            found, seen_model = observer.result()
+            model = model or seen_model
+        if found is not None:
+            return found, model
+        if facts is None or (status >= 400 and not acct.client_closed and status != 499):
+            return Usage(), model  # nothing was generated, or nothing to count
+        try:
+            return _estimate(acct, facts, model), model
+        except Exception:  # an estimate is a nicety; the row must be written regardless
+            log.exception("could not estimate the tokens of request %s", acct.request_id)
+            return Usage(estimated=True), model
+
+    def _settle(self, charge: Charge, tokens: float, cost: float) -> None:
+        store = self.store
+        if store is None or not charge.decision.allowed:
+            return
+        deltas = settle_deltas(charge, tokens, cost)
+        self.leases.pop(id(charge.decision), None)
+        seeds = self.admission.seeds
+        for state in charge.decision.states:
+            name = state.bucket.name
+            if state.bucket.kind == "quota":  # what a store that lost its state restarts from
+                seeds[name] = seeds.get(name, 0.0) + (cost if "|budget|cost|" in name else tokens)
+        if not store.is_async:
+            store.settle(charge.decision, deltas)
+            return
+        task = self.loop.create_task(store.settle(charge.decision, deltas))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+
+def _estimate(acct: Account, facts: RequestFacts, model: str | None) -> Usage:
+    from .tokens import count_text, estimate_prompt
+
+    prompt = estimate_prompt(facts.obj, model)
+    completion = 0
+    observer = acct.observer
+    if isinstance(observer, StreamUsage) and observer.seen_bytes:
+        completion = count_text(observer.completion_text(), model)
+        if observer.kept_bytes and observer.seen_bytes > observer.kept_bytes:
+            completion = round(completion * observer.seen_bytes / observer.kept_bytes)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, estimated=True)
