@@ -315,6 +315,9 @@ def start_target(spec: str, upstream: str, args: argparse.Namespace) -> Target:
         "bench": str(BENCH),
     }
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI")}
+    # a gateway's usage rows go to a scratch file, not into the repository
+    data = tempfile.mkdtemp(prefix="bench-data-")
+    env["OPENAI_FORWARD_DATABASE"] = os.path.join(data, "bench.db")
     health: tuple[str, str] = ("POST", "/v1/chat/completions")
     tmp = None
     name, _, rest = spec.partition("=")

@@ -98,25 +98,43 @@ def _chunk(payload: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(payload), payload)
 
 
-def _event(i: int) -> bytes:
+def _event(i: int, usage: bool = False) -> bytes:
     delta = {"content": f" tok{i:02d}"} if i else {"role": "assistant", "content": ""}
-    ev = {
+    ev: dict[str, object] = {
         "id": "chatcmpl-B9MHDbslfkBeAs8l",
         "object": "chat.completion.chunk",
         "created": 1741570283,
         "model": "gpt-4o-mini",
         "choices": [{"index": 0, "delta": delta}],
     }
+    if usage:  # as OpenAI does when the request has stream_options.include_usage
+        ev["usage"] = None
+    return b"data: " + json.dumps(ev, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _usage_event() -> bytes:
+    ev = {
+        "id": "chatcmpl-B9MHDbslfkBeAs8l",
+        "object": "chat.completion.chunk",
+        "created": 1741570283,
+        "model": "gpt-4o-mini",
+        "choices": [],
+        "usage": {"prompt_tokens": 19, "completion_tokens": N_CHUNKS, "total_tokens": 19 + N_CHUNKS},
+    }
     return b"data: " + json.dumps(ev, separators=(",", ":")).encode() + b"\n\n"
 
 
 STREAM_CHUNKS = [_chunk(_event(i)) for i in range(N_CHUNKS)]
+# with stream_options.include_usage: "usage":null in each chunk, then one usage-only chunk
+USAGE_CHUNKS = [_chunk(_event(i, usage=True)) for i in range(N_CHUNKS)]
+USAGE_CHUNKS.append(_chunk(_usage_event()))
 STREAM_TAIL = _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
 
 _CL_RE = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
 _TE_RE = re.compile(rb"\r\ntransfer-encoding:[^\r]*chunked", re.IGNORECASE)
 _CLOSE_RE = re.compile(rb"\r\nconnection:[^\r]*close", re.IGNORECASE)
 _DELAY_RE = re.compile(rb'"bench_chunk_delay"\s*:\s*([0-9.]+)')
+_USAGE_RE = re.compile(rb'"include_usage"\s*:\s*true')
 
 
 class _NeedMore(Exception):
@@ -213,7 +231,8 @@ class UpstreamProtocol(asyncio.Protocol):
                 delay = float(m.group(1)) if m else self.default_delay
                 self.busy = True
                 STATS["streams"] += 1
-                asyncio.get_running_loop().create_task(self._stream(delay, close))
+                chunks = USAGE_CHUNKS if _USAGE_RE.search(body) else STREAM_CHUNKS
+                asyncio.get_running_loop().create_task(self._stream(delay, close, chunks))
                 return
             self.transport.write(JSON_RESPONSE)  # type: ignore[union-attr]
             if close:
@@ -221,12 +240,12 @@ class UpstreamProtocol(asyncio.Protocol):
                 self.closed = True
                 return
 
-    async def _stream(self, delay: float, close: bool) -> None:
+    async def _stream(self, delay: float, close: bool, chunks: list[bytes]) -> None:
         t = self.transport
         assert t is not None
         try:
             t.write(STREAM_HEAD)
-            for c in STREAM_CHUNKS:
+            for c in chunks:
                 if delay > 0:
                     await asyncio.sleep(delay)
                 else:

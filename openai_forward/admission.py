@@ -205,16 +205,19 @@ def _add(out: list[Bucket], prefix: str, limits: Limits, reserve: float) -> None
 
 
 def settle_deltas(charge: Charge, tokens: float, cost: float) -> list[float]:
-    """Per bucket of ``charge``: what to add (actual minus reserved) when the request ends."""
+    """Per bucket of ``charge``: what to add (actual minus reserved) when the request ends.
+    A rate bucket charged at most its whole limit (a larger request waits for a full bucket,
+    it is not charged more), so that is what it reserved."""
     deltas = []
     for state in charge.decision.states:
         bucket = state.bucket
         if bucket.kind == "concurrent" or bucket.name.endswith("|rpm"):
             deltas.append(0.0)
-        elif "|budget|cost|" in bucket.name:
-            deltas.append(cost - charge.cost)
+        elif bucket.kind == "quota":
+            spent = cost if "|budget|cost|" in bucket.name else tokens
+            deltas.append(spent - bucket.cost)
         else:
-            deltas.append(tokens - charge.tokens)
+            deltas.append(tokens - min(bucket.cost, bucket.limit))
     return deltas
 
 

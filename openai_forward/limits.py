@@ -47,7 +47,7 @@ class Bucket:
     seed: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per bucket per request, and frozen costs 3x
 class BucketState:
     """A bucket after an admission (or now, if the admission was refused)."""
 
@@ -201,10 +201,12 @@ class LocalStore:
     ``admit``/``settle``/``renew`` follow the module's semantics; the clock is
     ``time.monotonic`` unless ``clock`` is given or a call passes ``now`` (which must not go
     backwards by more than the periods involved: expired state is pruned by the latest now).
-    Expired state (rate: tat <= now; quota: past its expiry; concurrent: no live lease) is
-    dropped lazily by an expiry heap, at most ``_PRUNE_PER_CALL`` entries per admit, so a
-    flood of distinct buckets costs memory only while they are live. ``len(store)`` is the
-    number of entries held. Bucket names within one call must be distinct.
+    Expired state (rate: tat <= now; quota: past its expiry; concurrent: no live lease)
+    reads as absent, and is dropped lazily by an expiry heap, at most ``_PRUNE_PER_CALL``
+    entries per admit (amortised O(1), never a long sweep), so a flood of distinct buckets
+    costs memory only while they are live. ``len(store)`` is the number of entries held:
+    the live ones plus those that expired less than about one period ago. Bucket names
+    within one call must be distinct.
 
     ``settle`` consumes a decision's ticket (sets it to None), which makes a second settle a
     no-op. Not thread-safe: one event loop per store.

@@ -38,50 +38,47 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
-_TOKEN_FIELDS = (
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "input_tokens",
-    "output_tokens",
-)
-
-
 def usage_from_obj(obj: object) -> Usage | None:
     """Normalise an upstream ``usage`` object; None unless it is a dict with a token count.
 
     Reads ``prompt_tokens``/``input_tokens``, ``completion_tokens``/``output_tokens`` (else
     ``total_tokens - prompt``, so embeddings give 0) and the cached/reasoning counts from
     ``prompt_tokens_details``/``input_tokens_details`` and
-    ``completion_tokens_details``/``output_tokens_details``. A value that is not a
-    non-negative int (bool included) reads as 0. Never raises.
+    ``completion_tokens_details``/``output_tokens_details``. A count that is null or absent
+    everywhere means no usage; one that is not a non-negative int (bool included) reads as 0.
+    Never raises.
     """
-    if not isinstance(obj, dict) or not any(name in obj for name in _TOKEN_FIELDS):
+    if not isinstance(obj, dict):
         return None
-    prompt = _count(obj, "prompt_tokens", "input_tokens")
-    if "completion_tokens" in obj or "output_tokens" in obj:
-        completion = _count(obj, "completion_tokens", "output_tokens")
-    else:
-        completion = max(_count(obj, "total_tokens", "") - prompt, 0)
-    cached = _count(
-        _details(obj, "prompt_tokens_details", "input_tokens_details"), "cached_tokens", ""
+    get = obj.get
+    prompt = get("prompt_tokens")
+    if prompt is None:
+        prompt = get("input_tokens")
+    completion = get("completion_tokens")
+    if completion is None:
+        completion = get("output_tokens")
+    if completion is None:
+        total = get("total_tokens")
+        if prompt is None and total is None:
+            return None
+        completion = max(_count(total) - _count(prompt), 0)
+    return Usage(
+        _count(prompt),
+        _count(completion),
+        _detail(get("prompt_tokens_details") or get("input_tokens_details"), "cached_tokens"),
+        _detail(
+            get("completion_tokens_details") or get("output_tokens_details"), "reasoning_tokens"
+        ),
     )
-    reasoning = _count(
-        _details(obj, "completion_tokens_details", "output_tokens_details"), "reasoning_tokens", ""
-    )
-    return Usage(prompt, completion, cached, reasoning)
 
 
-def _count(obj: dict[str, Any], name: str, alias: str) -> int:
-    value = obj[name] if name in obj else obj.get(alias)
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    return 0
+def _count(value: object) -> int:
+    # type() rather than isinstance: a bool is not a count (and this is cheaper)
+    return value if type(value) is int and value > 0 else 0
 
 
-def _details(obj: dict[str, Any], name: str, alias: str) -> dict[str, Any]:
-    value = obj[name] if name in obj else obj.get(alias)
-    return value if isinstance(value, dict) else {}
+def _detail(details: object, name: str) -> int:
+    return _count(details.get(name)) if isinstance(details, dict) else 0
 
 
 # --------------------------------------------------------------------------------------------

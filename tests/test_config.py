@@ -91,6 +91,35 @@ def test_check_prints_the_effective_configuration_with_the_key_masked():
     assert "0123456789" not in out.stdout + out.stderr
 
 
+def test_check_shows_limits_and_masks_the_state_password():
+    limits = '[{"scope": "key", "rpm": 10, "models": ["gpt-4o*"]}]'
+    env = {"OPENAI_FORWARD_STATE": "redis://:hunter2pw@redis.internal:6379/0"}
+    out = _cli("check", env={**env, "OPENAI_FORWARD_LIMITS": limits})
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert shown["state"] == "redis://:***@redis.internal:6379/0"
+    assert shown["limits"][0]["limits"]["rpm"] == 10
+    assert shown["limits"][0]["models"] == ["gpt-4o*"]
+    assert "hunter2pw" not in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"OPENAI_FORWARD_LIMITS": '[{"scope": "user", "rpm": 1}]'}, "limits[0].scope"),
+        ({"OPENAI_FORWARD_LIMITS": '[{"scope": "key"}]'}, "limits[0]: set at least one"),
+        ({"OPENAI_FORWARD_LIMITS": '[{"scope": "key", "rpm": 1.5}]'}, "limits[0].rpm"),
+        ({"OPENAI_FORWARD_LIMITS": '[{"scope": "key", "rmp": 1}]'}, "did you mean 'rpm'"),
+        ({"OPENAI_FORWARD_PRICES": '{"gpt-4o": {"input": 1}}'}, "prices.gpt-4o.output"),
+        ({"OPENAI_FORWARD_STATE": "memcached://x"}, "state:"),
+    ],
+)
+def test_bad_limit_settings_are_refused_naming_the_key(env: dict[str, str], message: str):
+    out = _cli("check", env=env)
+    assert out.returncode == 2
+    assert message in out.stderr
+
+
 def test_run_with_a_bad_setting_exits_non_zero_before_listening():
     out = _cli("run", "--port", "0", env={"OPENAI_BASE_URL": "ftp://example"})
     assert out.returncode == 2

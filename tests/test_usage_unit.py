@@ -616,6 +616,9 @@ def test_strip_output_is_the_stream_without_include_usage_for_any_split(stream, 
     out, observer = run(sent, cuts, strip=True)
     assert out == asked
     assert (observer.usage, observer.model) == (reference.usage, reference.model)
+    # one event a piece, as upstreams send them (the fast path)
+    ends = [i + 2 for i in range(len(sent)) if sent.startswith(b"\n\n", i)]
+    assert run(sent, ends, strip=True)[0] == asked
 
 
 @settings(max_examples=400, deadline=None)
