@@ -119,7 +119,11 @@ def _usage_event() -> bytes:
         "created": 1741570283,
         "model": "gpt-4o-mini",
         "choices": [],
-        "usage": {"prompt_tokens": 19, "completion_tokens": N_CHUNKS, "total_tokens": 19 + N_CHUNKS},
+        "usage": {
+            "prompt_tokens": 19,
+            "completion_tokens": N_CHUNKS,
+            "total_tokens": 19 + N_CHUNKS,
+        },
     }
     return b"data: " + json.dumps(ev, separators=(",", ":")).encode() + b"\n\n"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -115,6 +116,9 @@ class Meter:
     def start(self) -> None:
         if self.recording:
             self.writer.start(self.loop)
+            # tiktoken may download its encodings: a daemon thread, never the event loop,
+            # and never a reason to wait at exit
+            threading.Thread(target=_preload_encodings, name="tiktoken", daemon=True).start()
         if self.store is not None and self.store.is_async:
             self._renewing = self.loop.create_task(self._renew_leases())
 
@@ -288,6 +292,13 @@ class Meter:
         task = self.loop.create_task(store.settle(charge.decision, deltas))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
+
+
+def _preload_encodings() -> None:
+    from .tokens import preload
+
+    loaded = preload(["gpt-4o", "gpt-4"])  # o200k_base and cl100k_base
+    log.debug("token estimates: %s", loaded)
 
 
 def _estimate(acct: Account, facts: RequestFacts, model: str | None) -> Usage:

@@ -734,7 +734,7 @@ class Relay:
             self._learn_quota(self.key, self.observe)
         acct = self.acct
         if acct is not None:
-            tail = acct.observer.end() if acct.strip and acct.observer is not None else b""
+            tail = acct.observer.end() if acct.observer is not None else b""
             if tail:
                 self.out.append(b"%x\r\n%b\r\n" % (len(tail), tail) if self.chunked else tail)
             self.account_end(self.status)

@@ -5,24 +5,25 @@ loaded only by ``preload`` (run in a thread at startup). A model whose encoding 
 counted exactly; every other model, and every model when tiktoken is not installed or could
 not download, gets the heuristic below.
 
-The heuristic, by Unicode code point (measured against cl100k_base on English, code, JSON
-and 20 other languages; o200k_base, used by current models, needs fewer tokens outside
-English, so it errs high there):
+The heuristic, by Unicode code point. Figures are estimate / real count against cl100k_base
+(the encoding available offline) on English, code, JSON and 20 other languages; o200k_base,
+used by current models, needs fewer tokens outside English, which moves those figures up:
 
 * characters that take 3 or 4 bytes in UTF-8 (CJK ideographs, Hiragana/Katakana, Hangul,
   Thai, Devanagari, emoji, typographic punctuation) count 1 token each (a 4-byte one counts
-  2): measured 0.84 to 0.97 of the real count for Chinese, Japanese, Thai and Hindi, and
+  2): measured 0.83 to 0.97 of the real count for Chinese, Japanese, Thai and Hindi, and
   0.75 to 0.84 for Korean;
 * characters that take 2 bytes (Latin with diacritics, Greek, Cyrillic, Hebrew, Arabic)
   count 1 token per 2: Russian 1.0, Ukrainian 0.78, Arabic 0.61, Greek 0.51;
-* ASCII counts 1 token per 4 characters, rounded up: English prose 0.92 to 1.11, code 1.2,
+* ASCII counts 1 token per 4 characters, rounded up: English prose 0.9 to 1.1, code 1.2,
   JSON 0.86, German/French/Spanish 0.8 to 0.9, long runs of numbers 0.5 (3 digits a token);
 * a text of at most 256 characters counts at least 1 token per whitespace-separated word,
   where rounding matters most ("1 2 3 4 5").
 
 Requests: ``estimate_prompt`` adds 3 tokens per message and 3 for the reply, 1 for a
-``name``, 765 per image or file part, 200 per audio part (its length is unknown), and the JSON text
-of tool definitions and tool calls; a body of no known shape counts its JSON text / 4.
+``name``, 765 per image or file part, 200 per audio part (its length is unknown), and the
+JSON text of tool definitions and tool calls; a body of no known shape counts its JSON
+text / 4.
 """
 
 from __future__ import annotations
