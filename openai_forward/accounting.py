@@ -10,6 +10,7 @@ limits with the real usage and queues the usage row (written to SQLite off the e
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import threading
@@ -45,6 +46,7 @@ class Account:
     """The accounting state of one request."""
 
     __slots__ = (
+        "body",
         "charge",
         "client_closed",
         "done",
@@ -62,12 +64,13 @@ class Account:
         "upstream",
     )
 
-    def __init__(self, path: str, route: str, started: float) -> None:
-        self.request_id = os.urandom(12).hex()
+    def __init__(self, request_id: str, path: str, route: str, started: float) -> None:
+        self.request_id = request_id
         self.ts = time.time()
         self.started = started
         self.path = path
         self.route = route
+        self.body: bytes | None = None  # a token request's JSON body, parsed only if needed
         self.facts: RequestFacts | None = None
         self.observer: JsonUsage | StreamUsage | None = None
         self.strip = False  # the gateway asked for stream usage: hide it from the client
@@ -79,18 +82,26 @@ class Account:
         self.client_closed = False
         self.done = False
 
-    def on_head(self, status: int, headers: list[tuple[bytes, bytes]], sse: bool) -> None:
+    def request_facts(self) -> RequestFacts | None:
+        """The body's facts, parsed on first use (most requests never need them: the
+        answer names its model and usage)."""
+        if self.facts is None and self.body is not None:
+            from .body import BodyError, read_facts
+
+            try:
+                self.facts = read_facts(self.body)
+            except BodyError:
+                self.body = None
+        return self.facts
+
+    def on_head(self, status: int, sse: bool, encoding: bytes) -> None:
         """The upstream answered: pick the observer that will find its usage."""
         self.observer = None
-        if status >= 300 or self.facts is None:
+        if status >= 300 or (self.body is None and self.facts is None):
             return
         if sse:
             self.observer = StreamUsage(strip=self.strip)
             return
-        encoding = b""
-        for name, value in headers:
-            if name.lower() == b"content-encoding":
-                encoding = value.strip().lower()
         self.observer = JsonUsage(encoding)
 
 
@@ -104,10 +115,19 @@ class Meter:
         self.writer = RecordWriter(config.database, interval=config.usage_flush_interval)
         self.admission = Admission(config)
         self.store = store
+        # request ids: a random prefix per worker and a counter (cheap, and sequential in
+        # the database's index)
+        self._id_prefix = os.urandom(6).hex()
+        self._ids = itertools.count(1)
         self._settling: set[asyncio.Task[None]] = set()
         # concurrency leases held in a shared store, renewed while their requests run
         self.leases: dict[int, Decision] = {}
         self._renewing: asyncio.Task[None] | None = None
+
+    def account(self, path: str, route: str) -> Account:
+        """A new request's accounting state."""
+        request_id = f"{self._id_prefix}{next(self._ids):08x}"
+        return Account(request_id, path, route, self.loop.time())
 
     @property
     def active(self) -> bool:
@@ -242,10 +262,9 @@ class Meter:
                 completion_tokens=usage.completion_tokens,
                 cached_tokens=usage.cached_tokens,
                 reasoning_tokens=usage.reasoning_tokens,
-                estimated=usage.estimated,
-                stream=isinstance(acct.observer, StreamUsage)
-                or bool(acct.facts and acct.facts.stream),
-                client_closed=acct.client_closed,
+                estimated=int(usage.estimated),
+                stream=int(isinstance(acct.observer, StreamUsage)),
+                client_closed=int(acct.client_closed),
                 ttfb_ms=None if acct.ttfb is None else (acct.ttfb - acct.started) * 1000,
                 duration_ms=(now - acct.started) * 1000,
                 cost=cost,
@@ -256,7 +275,7 @@ class Meter:
     def _usage(self, acct: Account, status: int) -> tuple[Usage, str | None]:
         """The upstream's own figures when it gave them, else an estimate (marked so)."""
         facts = acct.facts
-        model = facts.model if facts is not None else None
+        model = facts.model if facts is not None else None  # parsed already: use it
         observer = acct.observer
         found: Usage | None = None
         if isinstance(observer, StreamUsage):
@@ -267,8 +286,12 @@ class Meter:
             model = model or seen_model
         if found is not None:
             return found, model
-        if facts is None or (status >= 400 and not acct.client_closed and status != 499):
-            return Usage(), model  # nothing was generated, or nothing to count
+        if status >= 400 and not acct.client_closed and status != 499:
+            return Usage(), model  # nothing was generated
+        facts = acct.request_facts()
+        if facts is None:
+            return Usage(), model  # not a token request, or not JSON
+        model = model or facts.model
         try:
             return _estimate(acct, facts, model), model
         except Exception:  # an estimate is a nicety; the row must be written regardless

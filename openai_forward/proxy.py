@@ -261,11 +261,11 @@ class Proxy:
         meter = self.meter
         try:
             if meter.active:
-                relay.acct = Account(req.path, route.prefix, self.loop.time())
+                relay.acct = meter.account(req.path, route.prefix)
             if route.by_model and req.method == b"GET" and req.path == "/v1/models":
                 relay.task = self.loop.create_task(self.list_models(relay, route))
                 return
-            if req.has_body and self._wants_body(req, route) and not _is_multipart(req):
+            if req.has_body and self._wants_body(req, route):
                 # the body's model picks the upstream, is checked or is accounted for
                 req.buffer_limit = req.body_limit
                 req.want_body()
@@ -280,7 +280,8 @@ class Proxy:
 
     def _wants_body(self, req: Request, route: Route) -> bool:
         if self._strict_body(req, route):
-            return True
+            return not _is_multipart(req)  # an upload's model is a form field: not read
+        # token endpoints take JSON: no need to look for an upload
         return self.meter.recording and req.method == b"POST" and req.path in TOKEN_PATHS
 
     def _strict_body(self, req: Request, route: Route) -> bool:
@@ -296,15 +297,23 @@ class Proxy:
         req.on_body_done = None
         try:
             body = b"".join(req.pending or ())
-            strict = self._strict_body(req, route)
+            acct = relay.acct
+            if not self._strict_body(req, route):
+                # accounting only: a body that is not a stream is not even parsed (the answer
+                # names the model and the usage); a stream may need the usage option added
+                target = self.targets[route.default.name]
+                if acct is not None:
+                    acct.body = body
+                    if b'"stream"' in body:
+                        self._ask_for_usage(req, acct, target, body)
+                self._admit(relay, target, None)
+                return
             try:
-                facts: RequestFacts | None = read_facts(body)
+                facts = read_facts(body)
             except BodyError as exc:
-                if strict:
-                    raise GatewayError(400, "invalid_json", str(exc)) from None
-                facts = None  # not ours to judge: the upstream answers it
-            model = facts.model if facts is not None else None
-            if strict and facts is not None and model is None and "model" in facts.obj:
+                raise GatewayError(400, "invalid_json", str(exc)) from None
+            model = facts.model
+            if model is None and "model" in facts.obj:
                 message = "'model' must be a string."
                 raise GatewayError(400, "invalid_request", message, param="model")
             if req.identity is not None and not allowed_model(req.identity, model):
@@ -315,23 +324,26 @@ class Proxy:
                     param="model",
                 )
             target = self.targets[route.pick(model).name]
-            acct = relay.acct
-            if acct is not None and facts is not None and req.path in TOKEN_PATHS:
-                acct.facts = facts
-                if (
-                    facts.stream
-                    and not facts.include_usage
-                    and req.path in USAGE_OPTION_PATHS
-                    and target.config.type == "openai"
-                    and target.config.stream_usage
-                ):
-                    _replace_body(req, with_include_usage(body, facts))
-                    acct.strip = True
-            self._admit(relay, target, facts)
+            if acct is not None and req.path in TOKEN_PATHS:
+                acct.body, acct.facts = body, facts
+                self._ask_for_usage(req, acct, target, body)
+            self._admit(relay, target, facts if req.path in TOKEN_PATHS else None)
         except GatewayError as exc:
             relay.fail_before_response(exc)
         except Exception:
             relay.internal_error()
+
+    def _ask_for_usage(self, req: Request, acct: Account, target: Target, body: bytes) -> None:
+        """A stream whose client did not ask for its usage: ask for it (and hide it later)."""
+        if req.path not in USAGE_OPTION_PATHS:
+            return
+        config = target.config
+        if config.type != "openai" or not config.stream_usage or not self.meter.recording:
+            return
+        facts = acct.request_facts()
+        if facts is not None and facts.stream and not facts.include_usage:
+            _replace_body(req, with_include_usage(body, facts))
+            acct.strip = True
 
     def _admit(self, relay: Relay, target: Target, facts: RequestFacts | None) -> None:
         """Rate limits and budgets: reserve, then send; or refuse with 429."""
@@ -644,6 +656,7 @@ class Relay:
             return
         lines = [b"HTTP/1.1 %d %b" % (status, reason)]
         length = False
+        encoding = b""
         extra: frozenset[bytes] | None = None
         for name, value in headers:
             lname = name.lower()
@@ -655,13 +668,15 @@ class Relay:
                 length = True
             elif lname == b"content-type" and value[:17].lower() == b"text/event-stream":
                 self.sse = True
+            elif lname == b"content-encoding":
+                encoding = value.strip().lower()
             lines.append(name + b": " + value)
         if extra is not None:
             lines = _drop_named(lines, 1, extra)
         self.status = status
         acct = self.acct
         if acct is not None:
-            self._account_head(acct, status, headers)
+            self._account_head(acct, status, encoding)
             if acct.rate_lines is not None:  # the gateway's limits are the client's limits
                 lines = [ln for ln in lines if ln[:12].lower() != b"x-ratelimit-"]
                 lines.extend(acct.rate_lines)
@@ -777,10 +792,10 @@ class Relay:
 
     # accounting
 
-    def _account_head(self, acct: Account, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    def _account_head(self, acct: Account, status: int, encoding: bytes) -> None:
         assert self.target is not None
         acct.upstream = self.target.name
-        acct.on_head(status, headers, self.sse)
+        acct.on_head(status, self.sse, encoding)
 
     def account_end(self, status: int, error_code: str | None = None) -> None:
         """Settle limits and record usage, once, however the request ended."""
