@@ -129,10 +129,6 @@ class Meter:
         request_id = f"{self._id_prefix}{next(self._ids):08x}"
         return Account(request_id, path, route, self.loop.time())
 
-    @property
-    def active(self) -> bool:
-        return self.recording or self.store is not None
-
     def start(self) -> None:
         if self.recording:
             self.writer.start(self.loop)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from .auth import client_token, route_matches
 from .errors import GatewayError
-from .limitconfig import Budget, LimitRule, Limits, Price, price_for
+from .limitconfig import BUDGET_FIELDS, Budget, LimitRule, Limits, Price, price_for
 from .limits import Bucket, BucketState, Decision
 
 if TYPE_CHECKING:
@@ -94,6 +94,9 @@ class Admission:
         self.prices = config.prices
         self.reserve_tokens = config.reserve_tokens
         self.seeds: dict[str, float] = {}  # bucket name -> spend recorded before this start
+        # budget bucket names and period ends per key, for the current UTC day
+        self._span = periods(time.time())
+        self._plans: dict[str, list[tuple[str, float, float | None, bool]]] = {}
         self.token_rules = any(r.limits.tpm or r.models for r in self.rules)
         self.by_scope = {s: any(r.scope == s for r in self.rules) for s in ("key", "ip")}
 
@@ -150,31 +153,25 @@ class Admission:
         self, key_id: str, budget: Budget, reserve: float, cost: float
     ) -> list[Bucket]:
         now = time.time()
-        span = periods(now)
-        out = []
-        for field_name, amount in (
-            ("tokens_per_day", reserve),
-            ("tokens_per_month", reserve),
-            ("tokens_total", reserve),
-            ("cost_per_day", cost),
-            ("cost_per_month", cost),
-            ("cost_total", cost),
-        ):
-            limit = getattr(budget, field_name)
-            if not limit:
-                continue
-            what, _, per = field_name.partition("_per_")
-            what = what.removesuffix("_total")
-            if field_name.endswith("_total"):
-                period_id, left = "total", _TOTAL_SECONDS
-            elif per == "day":
-                period_id, left = "d" + span.day, span.day_end - now
-            else:
-                period_id, left = "m" + span.month, span.month_end - now
-            name = f"key:{key_id}|budget|{what}|{period_id}"
-            seed = self.seeds.get(name, 0.0)
-            out.append(Bucket(name, "quota", float(limit), left, float(amount), seed))
-        return out
+        span = self._span
+        if not span.day_start <= now < span.day_end:
+            span = self._span = periods(now)
+            self._plans.clear()
+        plan = self._plans.get(key_id)
+        if plan is None:
+            plan = self._plans[key_id] = _budget_plan(key_id, budget, span)
+        seeds = self.seeds
+        return [
+            Bucket(
+                name,
+                "quota",
+                limit,
+                _TOTAL_SECONDS if end is None else end - now,
+                cost if money else reserve,
+                seeds.get(name, 0.0),
+            )
+            for name, limit, end, money in plan
+        ]
 
     def reservation(
         self, facts: RequestFacts | None, path: str
@@ -195,6 +192,28 @@ class Admission:
         price = price_for(self.prices, facts.model)
         money = price.cost(prompt, completion) if price is not None else 0.0
         return float(prompt + completion), money, price
+
+
+def _budget_plan(
+    key_id: str, budget: Budget, span: Periods
+) -> list[tuple[str, float, float | None, bool]]:
+    """(bucket name, limit, period end or None for total, counts money) per budget set."""
+    plan = []
+    for field_name in BUDGET_FIELDS:
+        limit = getattr(budget, field_name)
+        if not limit:
+            continue
+        what, _, per = field_name.partition("_per_")
+        what = what.removesuffix("_total")
+        if field_name.endswith("_total"):
+            period_id, end = "total", None
+        elif per == "day":
+            period_id, end = "d" + span.day, span.day_end
+        else:
+            period_id, end = "m" + span.month, span.month_end
+        name = f"key:{key_id}|budget|{what}|{period_id}"
+        plan.append((name, float(limit), end, what == "cost"))
+    return plan
 
 
 def _add(out: list[Bucket], prefix: str, limits: Limits, reserve: float) -> None:

@@ -260,7 +260,7 @@ class Proxy:
         route: Route = req.ctx
         meter = self.meter
         try:
-            if meter.active:
+            if meter.recording or meter.admission.applies(req.identity):
                 relay.acct = meter.account(req.path, route.prefix)
             if route.by_model and req.method == b"GET" and req.path == "/v1/models":
                 relay.task = self.loop.create_task(self.list_models(relay, route))
