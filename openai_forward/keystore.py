@@ -28,7 +28,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import re
 import secrets
 import sqlite3
@@ -38,6 +37,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from .dbfile import create_private, set_up_or_close
 
 if TYPE_CHECKING:
     from .limitconfig import Budget, Limits
@@ -223,17 +224,6 @@ def _policy_text(limits: Limits | None, budget: Budget | None) -> str:
     return json.dumps(data, sort_keys=True)
 
 
-def _create_file(path: str) -> None:
-    """Create ``path`` empty with mode 0600 if it does not exist (and its parent dirs)."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return
-    os.close(fd)
-
-
 class KeyStore:
     """Forward keys in one SQLite file, safe to share between processes.
 
@@ -251,7 +241,7 @@ class KeyStore:
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         try:
-            _create_file(path)
+            create_private(path)
         except OSError as exc:
             raise KeyStoreError(f"cannot create key store {path}: {exc.strerror or exc}") from None
         try:
@@ -260,17 +250,7 @@ class KeyStore:
             )
         except sqlite3.Error as exc:
             raise KeyStoreError(f"cannot open key store {path}: {exc}") from None
-        try:
-            self._set_up(conn)
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise KeyStoreError(
-                f"key store {path} is not a usable SQLite database ({exc}); "
-                "move it away or point the gateway at another file"
-            ) from None
-        except BaseException:
-            conn.close()
-            raise
+        set_up_or_close(conn, self._set_up, KeyStoreError, f"key store {path}")
         self._conn = conn
 
     def _set_up(self, conn: sqlite3.Connection) -> None:

@@ -43,6 +43,8 @@ from datetime import datetime, timezone
 from itertools import islice
 from typing import Any
 
+from .dbfile import create_private, set_up_or_close
+
 log = logging.getLogger("openai_forward")
 
 SCHEMA_VERSION = 1
@@ -164,16 +166,6 @@ _ROW_ERRORS = (
 )
 
 
-def _create_file(path: str) -> None:
-    """Create ``path`` empty with mode 0600 if it does not exist (and its parent dirs)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return
-    os.close(fd)
-
-
 def _busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in str(exc) or "busy" in str(exc)
 
@@ -204,17 +196,7 @@ class RecordStore:
             raise RecordStoreError(f"cannot create {path}: {exc.strerror or exc}") from None
         except sqlite3.Error as exc:
             raise RecordStoreError(f"cannot open {path}: {exc}") from None
-        try:
-            self._set_up(conn)
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise RecordStoreError(
-                f"{path} is not a usable SQLite database ({exc}); "
-                "move it away or point the gateway at another file"
-            ) from None
-        except BaseException:
-            conn.close()
-            raise
+        set_up_or_close(conn, self._set_up, RecordStoreError, path)
         self._conn = conn
 
     def _connect(self) -> sqlite3.Connection:
@@ -223,7 +205,7 @@ class RecordStore:
             return sqlite3.connect(
                 uri, uri=True, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
             )
-        _create_file(self.path)
+        create_private(self.path)
         return sqlite3.connect(
             self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
         )
