@@ -246,3 +246,31 @@ def test_usage_rows_hold_no_secret(gw, upstream):
     for suffix in ("", "-wal"):
         with open(gw.database + suffix, "rb") as fh:
             assert_no_secret(fh.read())
+
+
+def test_an_upstream_with_stream_usage_off_gets_the_body_untouched_and_is_estimated(
+    gateway_factory, upstream, tmp_path
+):
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(
+        json.dumps(
+            {
+                "upstreams": [{"name": "plain", "base_url": upstream.url, "stream_usage": False}],
+                "usage_flush_interval": 0.05,
+            }
+        )
+    )
+    gw = gateway_factory(upstream.url, args=["--config", str(cfg)])
+    body = {"model": "gpt-4o", "messages": MESSAGES, "stream": True}
+    with httpx.Client(timeout=10) as client:
+        sent_bytes = json.dumps(body).encode()
+        r = client.post(
+            gw.url + "/v1/chat/completions",
+            content=sent_bytes,
+            headers={"content-type": "application/json", "authorization": "Bearer sk-own"},
+        )
+    assert r.status_code == 200 and b'"usage"' not in r.content
+    (sent,) = upstream.requests
+    assert sent.body == sent_bytes  # not a byte changed
+    (row,) = wait_rows(gw.database, 1)
+    assert row["estimated"] == 1 and row["completion_tokens"] > 0 and row["upstream"] == "plain"
