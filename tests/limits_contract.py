@@ -45,6 +45,33 @@ class Harness(Protocol):
 Scenario = Callable[[Harness], None]
 
 
+class Recording:
+    """A harness in front of a store that keeps every decision the scenario got, so a test
+    can show the scenario really ran against the store (its own asserts judge the answers)."""
+
+    def __init__(self, store: Harness) -> None:
+        self.store = store
+        self.decisions: list[Decision] = []
+
+    def admit(self, buckets: Sequence[Bucket], now: float) -> Decision:
+        decision = self.store.admit(buckets, now)
+        self.decisions.append(decision)
+        return decision
+
+    def settle(self, decision: Decision, deltas: Sequence[float], now: float) -> None:
+        self.store.settle(decision, deltas, now)
+
+    def renew(self, decisions: Sequence[Decision], now: float) -> None:
+        self.store.renew(decisions, now)
+
+
+def run(scenario: Scenario, store: Harness) -> list[Decision]:
+    """Run ``scenario`` against ``store``; the decisions it was given, in order."""
+    recording = Recording(store)
+    scenario(recording)
+    return recording.decisions
+
+
 def rate(name: str, limit: float, period: float = 60.0, cost: float = 1.0) -> Bucket:
     return Bucket(name, "rate", limit, period, cost)
 

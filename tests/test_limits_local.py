@@ -18,6 +18,7 @@ from limits_contract import (
     SCENARIOS,
     STATE_EXPIRY_SCENARIOS,
     Scenario,
+    run,
 )
 
 from openai_forward.limits import Bucket, Decision, LocalStore
@@ -27,7 +28,8 @@ ALL = SCENARIOS + LEASE_EXPIRY_SCENARIOS + STATE_EXPIRY_SCENARIOS
 
 @pytest.mark.parametrize("scenario", ALL, ids=[s.__name__ for s in ALL])
 def test_contract(scenario: Scenario) -> None:
-    scenario(LocalStore())
+    decisions = run(scenario, LocalStore())
+    assert decisions, "the scenario never asked the store"
 
 
 def test_clock_is_injectable_and_now_wins() -> None:
