@@ -206,10 +206,11 @@ class Meter:
 
     # admission
 
-    def plan(self, req: Request, names: list[str], facts: RequestFacts | None) -> Plan | None:
+    def plan(
+        self, req: Request, facts: RequestFacts | None, body: bytes | None = None
+    ) -> Plan | None:
         """The buckets a request fills and what it reserves; None when no limit applies."""
-        paths = (req.ctx.prefix.rstrip("/") + req.path,)
-        plan = self.admission.buckets(req, names, paths, facts)
+        plan = self.admission.buckets(req, facts, body)
         return plan if plan[0] else None
 
     # the end of a request
@@ -299,12 +300,15 @@ class Meter:
         if store is None or not charge.decision.allowed:
             return
         deltas = settle_deltas(charge, tokens, cost)
-        self.leases.pop(id(charge.decision), None)
+        if self.leases:
+            self.leases.pop(id(charge.decision), None)
         seeds = self.admission.seeds
         for state in charge.decision.states:
-            name = state.bucket.name
             if state.bucket.kind == "quota":  # what a store that lost its state restarts from
-                seeds[name] = seeds.get(name, 0.0) + (cost if "|budget|cost|" in name else tokens)
+                name = state.bucket.name
+                seeds[name] = seeds.get(name, 0.0) + (
+                    cost if state.bucket.unit == "cost" else tokens
+                )
         if not store.is_async:
             store.settle(charge.decision, deltas)
             return

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 from .auth import client_token, route_matches
 from .errors import GatewayError
 from .limitconfig import BUDGET_FIELDS, Budget, LimitRule, Limits, Price, price_for
-from .limits import Bucket, BucketState, Decision
+from .limits import Bucket, BucketState, Decision, Kind
+from .tokens import reserve_prompt
 
 if TYPE_CHECKING:
     from .body import RequestFacts
@@ -86,6 +87,31 @@ def periods(now_epoch: float) -> Periods:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Reserved:
+    """A bucket whose cost is the request's reservation: tokens per minute, or a budget."""
+
+    name: str
+    kind: Kind
+    limit: float
+    end: float | None  # a budget's period end (None: in total); unused for rates
+    unit: str  # "tokens" or "cost"
+
+
+@dataclass(slots=True)
+class _Template:
+    """The buckets of one kind of request (key, route, model, subject), built once: fixed
+    buckets as they are, reserved ones filled in per request."""
+
+    identity: ForwardKey | None
+    slots: list[Bucket | _Reserved]
+    counted: bool  # whether anything counts tokens or money: then the request reserves
+    fixed: bool  # no reserved slot: the bucket list is the same for every request
+
+
+_TEMPLATES_MAX = 8192  # distinct subjects kept; beyond, start over (a flood of client IPs)
+
+
 class Admission:
     """The limit and budget policy of one worker: which buckets a request fills."""
 
@@ -94,11 +120,14 @@ class Admission:
         self.prices = config.prices
         self.reserve_tokens = config.reserve_tokens
         self.seeds: dict[str, float] = {}  # bucket name -> spend recorded before this start
-        # budget bucket names and period ends per key, for the current UTC day
+        # the UTC day whose budget bucket names the templates hold
         self._span = periods(time.time())
-        self._plans: dict[str, list[tuple[str, float, float | None, bool]]] = {}
+        self._templates: dict[tuple[object, ...], _Template] = {}
+        self._prices: dict[str | None, Price | None] = {}
         self.token_rules = any(r.limits.tpm or r.models for r in self.rules)
         self.by_scope = {s: any(r.scope == s for r in self.rules) for s in ("key", "ip")}
+        self._by_route = any(r.routes for r in self.rules)
+        self._by_model = any(r.models for r in self.rules)
 
     def applies(self, identity: ForwardKey | None) -> bool:
         """Whether any limit or budget can apply to a request of ``identity``."""
@@ -120,12 +149,73 @@ class Admission:
         return bool(budget) or bool(limits and limits.tpm)
 
     def buckets(
-        self, req: Request, names: list[str], paths: tuple[str, ...], facts: RequestFacts | None
+        self, req: Request, facts: RequestFacts | None, body: bytes | None = None
     ) -> tuple[list[Bucket], float, float, Price | None]:
         """The buckets this request fills (budgets first: their refusal is final) and what
-        it reserves: (buckets, tokens, money, price)."""
+        it reserves: (buckets, tokens, money, price). ``body`` is the raw body of ``facts``,
+        when at hand (a cheaper prompt estimate)."""
         identity: ForwardKey | None = req.identity
         model = facts.model if facts is not None else None
+        now = time.time()
+        if not self._span.day_start <= now < self._span.day_end:
+            self._span = periods(now)  # budget bucket names change with the day
+            self._templates.clear()
+        subjects = self._subjects(req, identity)
+        key = (
+            identity.id if identity is not None else None,
+            subjects.get("key"),
+            subjects.get("ip"),
+            (id(req.ctx), req.path) if self._by_route else None,
+            model if self._by_model else None,
+        )
+        template = self._templates.get(key)
+        if template is None or template.identity is not identity:
+            if len(self._templates) >= _TEMPLATES_MAX:
+                self._templates.clear()
+            template = self._templates[key] = self._template(req, identity, model, subjects)
+        if not template.counted:
+            return template.slots, 0.0, 0.0, None  # type: ignore[return-value]
+        tokens, cost, price = self.reservation(facts, req.path, body)
+        if template.fixed:
+            return template.slots, tokens, cost, price  # type: ignore[return-value]
+        return self._fill(template.slots, tokens, cost, now), tokens, cost, price
+
+    def _fill(
+        self, slots: list[Bucket | _Reserved], tokens: float, cost: float, now: float
+    ) -> list[Bucket]:
+        out = []
+        seeds = self.seeds
+        for slot in slots:
+            if isinstance(slot, Bucket):
+                out.append(slot)
+            elif slot.kind == "rate":
+                if tokens > 0:
+                    out.append(Bucket(slot.name, "rate", slot.limit, MINUTE, tokens, 0.0, "tokens"))
+            else:
+                end = slot.end
+                period = _TOTAL_SECONDS if end is None else end - now
+                charge = cost if slot.unit == "cost" else tokens
+                seed = seeds.get(slot.name, 0.0)
+                out.append(Bucket(slot.name, "quota", slot.limit, period, charge, seed, slot.unit))
+        return out
+
+    def _subjects(self, req: Request, identity: ForwardKey | None) -> dict[str, str]:
+        subjects = {"global": "global"}
+        if self.by_scope["key"]:
+            subjects["key"] = _subject_of_client(req, identity)
+        if self.by_scope["ip"]:
+            subjects["ip"] = "ip:" + (req.client_ip or req.client.peer)
+        return subjects
+
+    def _template(
+        self,
+        req: Request,
+        identity: ForwardKey | None,
+        model: str | None,
+        subjects: dict[str, str],
+    ) -> _Template:
+        names = [t.name for t in req.ctx.targets]
+        paths = (req.ctx.prefix.rstrip("/") + req.path,)
         limits, budget = self.limits_of(identity)
         rules = [
             (i, rule)
@@ -133,72 +223,44 @@ class Admission:
             if (not rule.routes or route_matches(rule.routes, names, paths))
             and rule.matches_model(model)
         ]
-        counted = bool(budget) or bool(limits and limits.tpm) or any(r.limits.tpm for _, r in rules)
-        tokens, cost, price = self.reservation(facts, req.path) if counted else (0.0, 0.0, None)
-        out: list[Bucket] = []
+        slots: list[Bucket | _Reserved] = []
         if budget and identity is not None:
-            out.extend(self._budget_buckets(identity.id, budget, tokens, cost))
-        subjects: dict[str, str] = {"global": "global"}
-        if self.by_scope["key"]:
-            subjects["key"] = _subject_of_client(req, identity)
-        if self.by_scope["ip"]:
-            subjects["ip"] = "ip:" + (req.client_ip or req.client.peer)
+            slots.extend(_budget_slots(identity.id, budget, self._span))
         for i, rule in rules:
-            _add(out, f"{subjects[rule.scope]}|r{i}", rule.limits, tokens)
+            _add(slots, f"{subjects[rule.scope]}|r{i}", rule.limits)
         if limits and identity is not None:
-            _add(out, f"key:{identity.id}|own", limits, tokens)
-        return out, tokens, cost, price
-
-    def _budget_buckets(
-        self, key_id: str, budget: Budget, reserve: float, cost: float
-    ) -> list[Bucket]:
-        now = time.time()
-        span = self._span
-        if not span.day_start <= now < span.day_end:
-            span = self._span = periods(now)
-            self._plans.clear()
-        plan = self._plans.get(key_id)
-        if plan is None:
-            plan = self._plans[key_id] = _budget_plan(key_id, budget, span)
-        seeds = self.seeds
-        return [
-            Bucket(
-                name,
-                "quota",
-                limit,
-                _TOTAL_SECONDS if end is None else end - now,
-                cost if money else reserve,
-                seeds.get(name, 0.0),
-            )
-            for name, limit, end, money in plan
-        ]
+            _add(slots, f"key:{identity.id}|own", limits)
+        counted = any(type(s) is _Reserved for s in slots)
+        return _Template(identity, slots, counted, not counted)
 
     def reservation(
-        self, facts: RequestFacts | None, path: str
+        self, facts: RequestFacts | None, path: str, body: bytes | None = None
     ) -> tuple[float, float, Price | None]:
         """(tokens, money, price) a request reserves; nothing for bodies without tokens."""
         if facts is None:
             return 0.0, 0.0, None
-        from .tokens import estimate_prompt
-
-        # the heuristic, not tiktoken (model None): a reservation is settled with the real
-        # usage later, and an exact count would cost ~100 µs per KiB of prompt here
-        prompt = estimate_prompt(facts.obj, None)
+        # an estimate, not tiktoken: a reservation is settled with the real usage later, and
+        # an exact count would cost ~100 µs per KiB of prompt here
+        prompt = reserve_prompt(body, facts.obj)
         if path == "/v1/embeddings":
             completion = 0
         else:
             most = facts.max_tokens if facts.max_tokens is not None else self.reserve_tokens
             completion = most * max(facts.n, 1)
-        price = price_for(self.prices, facts.model)
+        model = facts.model
+        try:
+            price = self._prices[model]
+        except KeyError:
+            if len(self._prices) >= _TEMPLATES_MAX:
+                self._prices.clear()
+            price = self._prices[model] = price_for(self.prices, model)
         money = price.cost(prompt, completion) if price is not None else 0.0
         return float(prompt + completion), money, price
 
 
-def _budget_plan(
-    key_id: str, budget: Budget, span: Periods
-) -> list[tuple[str, float, float | None, bool]]:
-    """(bucket name, limit, period end or None for total, counts money) per budget set."""
-    plan = []
+def _budget_slots(key_id: str, budget: Budget, span: Periods) -> list[_Reserved]:
+    """One reserved slot per budget set: its bucket name, limit and period end."""
+    slots = []
     for field_name in BUDGET_FIELDS:
         limit = getattr(budget, field_name)
         if not limit:
@@ -212,17 +274,18 @@ def _budget_plan(
         else:
             period_id, end = "m" + span.month, span.month_end
         name = f"key:{key_id}|budget|{what}|{period_id}"
-        plan.append((name, float(limit), end, what == "cost"))
-    return plan
+        slots.append(_Reserved(name, "quota", float(limit), end, what))
+    return slots
 
 
-def _add(out: list[Bucket], prefix: str, limits: Limits, reserve: float) -> None:
+def _add(out: list[Bucket | _Reserved], prefix: str, limits: Limits) -> None:
     if limits.rpm:
-        out.append(Bucket(prefix + "|rpm", "rate", float(limits.rpm), MINUTE))
-    if limits.tpm and reserve > 0:
-        out.append(Bucket(prefix + "|tpm", "rate", float(limits.tpm), MINUTE, reserve))
+        out.append(Bucket(prefix + "|rpm", "rate", float(limits.rpm), MINUTE, 1.0, 0.0, "requests"))
+    if limits.tpm:
+        out.append(_Reserved(prefix + "|tpm", "rate", float(limits.tpm), None, "tokens"))
     if limits.concurrent:
-        out.append(Bucket(prefix + "|cc", "concurrent", float(limits.concurrent), LEASE_SECONDS))
+        cc = float(limits.concurrent)
+        out.append(Bucket(prefix + "|cc", "concurrent", cc, LEASE_SECONDS))
 
 
 def settle_deltas(charge: Charge, tokens: float, cost: float) -> list[float]:
@@ -232,13 +295,17 @@ def settle_deltas(charge: Charge, tokens: float, cost: float) -> list[float]:
     deltas = []
     for state in charge.decision.states:
         bucket = state.bucket
-        if bucket.kind == "concurrent" or bucket.name.endswith("|rpm"):
+        unit = bucket.unit
+        if unit == "tokens":
+            if bucket.kind == "quota":
+                deltas.append(tokens - bucket.cost)
+            else:
+                reserved = bucket.cost
+                deltas.append(tokens - (reserved if reserved < bucket.limit else bucket.limit))
+        elif unit == "cost":
+            deltas.append(cost - bucket.cost)
+        else:  # requests, or a concurrency lease
             deltas.append(0.0)
-        elif bucket.kind == "quota":
-            spent = cost if "|budget|cost|" in bucket.name else tokens
-            deltas.append(spent - bucket.cost)
-        else:
-            deltas.append(tokens - min(bucket.cost, bucket.limit))
     return deltas
 
 
@@ -258,19 +325,32 @@ def format_reset(seconds: float) -> str:
 
 def rate_headers(states: list[BucketState]) -> list[bytes]:
     """x-ratelimit-* header lines for the tightest request and token rate of a decision."""
+    requests: BucketState | None = None
+    tokens: BucketState | None = None
+    for state in states:
+        unit = state.bucket.unit
+        if state.bucket.kind != "rate":
+            continue
+        if unit == "requests":
+            if requests is None or state.remaining < requests.remaining:
+                requests = state
+        elif tokens is None or state.remaining < tokens.remaining:
+            tokens = state
     lines: list[bytes] = []
-    for suffix, tag in ((b"requests", "|rpm"), (b"tokens", "|tpm")):
-        tight: BucketState | None = None
-        for state in states:
-            if state.bucket.name.endswith(tag) and (
-                tight is None or state.remaining < tight.remaining
-            ):
-                tight = state
+    for suffix, tight in ((b"requests", requests), (b"tokens", tokens)):
         if tight is not None:
-            lines.append(b"x-ratelimit-limit-%b: %d" % (suffix, int(tight.bucket.limit)))
-            lines.append(b"x-ratelimit-remaining-%b: %d" % (suffix, int(tight.remaining)))
-            reset = format_reset(tight.reset).encode()
-            lines.append(b"x-ratelimit-reset-%b: %b" % (suffix, reset))
+            lines.append(
+                b"x-ratelimit-limit-%b: %d\r\nx-ratelimit-remaining-%b: %d\r\n"
+                b"x-ratelimit-reset-%b: %b"
+                % (
+                    suffix,
+                    int(tight.bucket.limit),
+                    suffix,
+                    int(tight.remaining),
+                    suffix,
+                    format_reset(tight.reset).encode(),
+                )
+            )
     return lines
 
 

@@ -77,8 +77,12 @@ class Budget:
     cost_per_month: float = 0
     cost_total: float = 0
 
+    def __post_init__(self) -> None:
+        # asked on every request of the key: worked out once
+        object.__setattr__(self, "_set", any(getattr(self, name) for name in BUDGET_FIELDS))
+
     def __bool__(self) -> bool:
-        return any(getattr(self, name) for name in BUDGET_FIELDS)
+        return self._set  # type: ignore[attr-defined,no-any-return]
 
 
 @dataclass(frozen=True)

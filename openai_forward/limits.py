@@ -35,9 +35,12 @@ CONCURRENT_RETRY = 1.0  # when a lease frees is unknown; a hint for retry-after
 _PRUNE_PER_CALL = 16  # expired entries dropped per admit at most: bounded work, keeps up
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # treat as immutable; not frozen: frozen construction costs 3x
 class Bucket:
-    """One limit as the store sees it: a name (the store's key, never a secret) and numbers."""
+    """One limit as the store sees it: a name (the store's key, never a secret) and numbers.
+
+    ``unit`` is what the bucket counts, for the caller only (stores ignore it): "requests",
+    "tokens", "cost", or "" (a concurrency count)."""
 
     name: str
     kind: Kind
@@ -45,6 +48,7 @@ class Bucket:
     period: float
     cost: float = 1.0
     seed: float = 0.0
+    unit: str = ""
 
 
 @dataclass(slots=True)  # not frozen: made per bucket per request, and frozen costs 3x
@@ -239,15 +243,31 @@ class LocalStore:
             now = self._clock()
         if self._expiry and self._expiry[0][0] <= now:
             self._prune(now)
-        values = []
+        # the arithmetic of ``judge``, inlined: this runs for every request
+        rates = self._rate
+        states = []
+        after = []
         for b in buckets:
-            values.append(self._value(b, now))
-        decision, after = decide(buckets, values, now)
-        if decision.allowed:
-            ticket = decision.ticket = next(self._ids)
-            for b, value in zip(buckets, after, strict=True):
-                self._charge(b, value, now, ticket)
-        return decision
+            kind = b.kind
+            if kind == "rate":
+                tat = rates.get(b.name, now)
+                ok, new, remaining, reset, _ = rate_admit(tat, now, b.limit, b.period, b.cost)
+            elif kind == "quota":
+                ok, new, remaining = quota_admit(self._committed(b, now), b.limit, b.cost)
+                reset = b.period
+            else:
+                live = self._live(b, now)
+                ok, remaining = concurrent_admit(live, b.limit)
+                new, reset = live + 1, 0.0
+            if not ok:
+                values = [self._value(b, now) for b in buckets]
+                return decide(buckets, values, now)[0]
+            states.append(BucketState(b, remaining, reset))
+            after.append(new)
+        ticket = next(self._ids)
+        for b, value in zip(buckets, after, strict=True):
+            self._charge(b, value, now, ticket)
+        return Decision(True, states, None, 0.0, ticket)
 
     def settle(self, decision: Decision, deltas: Sequence[float], now: float | None = None) -> None:
         """Apply ``deltas[i]`` (actual - reserved; missing ones count as 0) to

@@ -358,7 +358,8 @@ class Proxy:
             # a budget must not be judged before the spending recorded so far is known
             relay.task = self.loop.create_task(self._admit_after(seeding, relay, target, facts))
             return
-        plan = meter.plan(req, [t.name for t in req.ctx.targets], facts)
+        acct = relay.acct
+        plan = meter.plan(req, facts, acct.body if acct is not None else None)
         if plan is None:
             relay.begin(target)
             return

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -172,23 +173,50 @@ def test_concurrent_limit_counts_streams_until_they_end(gateway_factory, upstrea
 
 
 def test_a_token_budget_holds_under_twenty_concurrent_requests(gateway_factory, upstream, tmp_path):
-    """Each request reserves its prompt estimate + max_tokens; the sum of admitted
-    reservations never passes the budget, and the recorded spend stays within it."""
+    """Each request reserves its prompt estimate + max_tokens. Admitted requests are held at
+    the upstream until all 20 are either held or refused, so no reservation is settled early:
+    the admitted ones must fit the budget at max_tokens (80) each, and the recorded spend
+    stays within it."""
+    gate = threading.Event()
+    usage = {"prompt_tokens": 9, "completion_tokens": 30, "total_tokens": 39}
+    completion = {"object": "chat.completion", "model": "gpt-4o", "choices": [], "usage": usage}
+    reply = Reply(
+        headers=[("content-type", "application/json")],
+        body=json.dumps(completion).encode(),
+        gate=gate,
+    )
+    upstream.script("POST", CHAT, reply)
     cfg = {
         "forward_keys": [{"name": "alice", "key": FK_ALICE, "budget": {"tokens_per_day": 500}}],
         "usage_flush_interval": 0.05,
     }
     gw = gateway_factory(upstream.url, args=write_config(tmp_path, upstream.url, **cfg))
-    responses = burst([gw.url], 20, max_tokens=80)
+    body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 80}
+
+    async def run() -> list[httpx.Response]:
+        headers = {"authorization": f"Bearer {FK_ALICE}"}
+        async with httpx.AsyncClient(timeout=20, limits=httpx.Limits(max_connections=20)) as c:
+            tasks = [
+                asyncio.create_task(c.post(gw.url + CHAT, json=body, headers=headers))
+                for _ in range(20)
+            ]
+            deadline = time.monotonic() + 15
+            while sum(t.done() for t in tasks) + len(upstream.requests) < 20:
+                assert time.monotonic() < deadline, "requests neither refused nor forwarded"
+                await asyncio.sleep(0.01)
+            gate.set()
+            return list(await asyncio.gather(*tasks))
+
+    responses = asyncio.run(run())
     ok = [r for r in responses if r.status_code == 200]
     refused = [r for r in responses if r.status_code == 429]
-    assert 1 <= len(ok) <= 5 and len(ok) + len(refused) == 20
+    assert 1 <= len(ok) <= 500 // 80 and len(ok) + len(refused) == 20
     for r in refused:
         err = r.json()["error"]
         assert err["code"] == "insufficient_quota" and err["type"] == "insufficient_quota"
         assert r.headers["x-should-retry"] == "false"
     spent = sum(r["prompt_tokens"] + r["completion_tokens"] for r in wait_rows(gw.database, 20))
-    assert spent <= 500
+    assert spent == 39 * len(ok) and spent <= 500
     assert len(upstream.requests) == len(ok)
 
 

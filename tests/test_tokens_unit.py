@@ -25,6 +25,7 @@ from openai_forward.tokens import (
     estimate_prompt,
     heuristic_count,
     preload,
+    reserve_prompt,
     use_encoding,
 )
 
@@ -288,3 +289,26 @@ def test_estimate_prompt_never_raises_and_is_never_negative(body):
 
 def test_estimate_prompt_of_a_non_dict_never_raises():
     assert estimate_prompt([1, 2], None) >= 0  # type: ignore[arg-type]
+
+
+def test_reserve_prompt_counts_an_ascii_body_by_its_size():
+    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi " * 400}]})
+    obj = orjson.loads(body)
+    assert reserve_prompt(body, obj) == len(body) // 4
+    # close to the structural estimate, never far below it
+    assert (
+        estimate_prompt(obj, None) <= reserve_prompt(body, obj) <= 1.2 * estimate_prompt(obj, None)
+    )
+
+
+def test_reserve_prompt_counts_media_and_wide_text_by_their_parts():
+    image = "data:image/png;base64," + "A" * 40000
+    parts = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "what?"}]
+    for content in (parts, "こんにちは" * 50):
+        obj = {"model": "m", "messages": [{"role": "user", "content": content}]}
+        body = orjson.dumps(obj)
+        assert reserve_prompt(body, obj) == estimate_prompt(obj, None)
+    # an image is counted as an image, not as 40 KB of base64 text
+    obj = {"model": "m", "messages": [{"role": "user", "content": parts}]}
+    assert reserve_prompt(orjson.dumps(obj), obj) < 2000
+    assert reserve_prompt(None, obj) == estimate_prompt(obj, None)
