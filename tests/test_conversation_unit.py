@@ -1,0 +1,514 @@
+"""Unit and property tests of reply assembly (openai_forward.conversation), without sockets.
+
+What a user notices: the conversation log holds exactly the reply the client received,
+whatever pieces the stream arrived in, with tool calls whole; a huge or hostile reply costs
+bounded memory and never breaks the relay.
+"""
+
+from __future__ import annotations
+
+import gzip
+import tracemalloc
+import zlib
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from openai_forward.conversation import CHAT, COMPLETIONS, RESPONSES, ReplyAssembler
+
+MODEL = "gpt-4o-2024-08-06"
+USAGE = {"prompt_tokens": 82, "completion_tokens": 41, "total_tokens": 123}
+
+
+def event(obj: dict[str, Any], eol: bytes = b"\n") -> bytes:
+    return b"data: " + orjson.dumps(obj) + eol + eol
+
+
+def chat_chunk(delta: dict[str, Any], finish: str | None = None, index: int = 0) -> bytes:
+    return event(
+        {
+            "id": "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG",
+            "object": "chat.completion.chunk",
+            "created": 1741570283,
+            "model": MODEL,
+            "system_fingerprint": "fp_eb9dce56a8",
+            "choices": [
+                {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            ],
+            "usage": None,
+        }
+    )
+
+
+def pieces(text: str, size: int) -> list[str]:
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+ARGS_A = '{"location": "Paris, France", "unit": "celsius", "days": [1, 2, 3]}'
+ARGS_B = '{"timezone": "Europe/Paris", "format": "24h \\u00e9t\\u00e9"}'
+
+
+def tool_stream() -> list[bytes]:
+    """A recorded-shape stream: some text, then two parallel tool calls whose arguments
+    arrive interleaved, three characters at a time; then a usage chunk and [DONE]."""
+    out = [chat_chunk({"role": "assistant", "content": "", "refusal": None})]
+    out += [chat_chunk({"content": part}) for part in pieces("Let me check both. ", 4)]
+    out.append(
+        chat_chunk(
+            {
+                "tool_calls": [
+                    {
+                        "index": 0,
+                        "id": "call_weather_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": ""},
+                    }
+                ]
+            }
+        )
+    )
+    out.append(
+        chat_chunk(
+            {
+                "tool_calls": [
+                    {
+                        "index": 1,
+                        "id": "call_time_2",
+                        "type": "function",
+                        "function": {"name": "get_time", "arguments": ""},
+                    }
+                ]
+            }
+        )
+    )
+    a, b = pieces(ARGS_A, 3), pieces(ARGS_B, 3)
+    for i in range(max(len(a), len(b))):
+        for index, parts in ((0, a), (1, b)):
+            if i < len(parts):
+                call = {"index": index, "function": {"arguments": parts[i]}}
+                out.append(chat_chunk({"tool_calls": [call]}))
+    out.append(chat_chunk({}, finish="tool_calls"))
+    out.append(event({"id": "x", "object": "chat.completion.chunk", "choices": [], "usage": USAGE}))
+    out.append(b"data: [DONE]\n\n")
+    return out
+
+
+EXPECTED_TOOLS = {
+    "choices": [
+        {
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": "Let me check both. ",
+                "tool_calls": [
+                    {
+                        "id": "call_weather_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": ARGS_A},
+                    },
+                    {
+                        "id": "call_time_2",
+                        "type": "function",
+                        "function": {"name": "get_time", "arguments": ARGS_B},
+                    },
+                ],
+            },
+            "finish_reason": "tool_calls",
+        }
+    ],
+    "model": MODEL,
+    "usage": USAGE,
+    "error": None,
+    "truncated": False,
+}
+
+
+def assemble(chunks: list[bytes], path: str = CHAT, stream: bool = True, **kw: Any) -> Any:
+    assembler = ReplyAssembler(path, stream, **kw)
+    for chunk in chunks:
+        assembler.feed(chunk)
+    return assembler.result()
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+
+
+# --------------------------------------------------------------------------------------------
+# chat completions
+
+
+def test_parallel_tool_calls_split_across_many_chunks_reassemble_exactly():
+    result = assemble(tool_stream())
+    assert result == EXPECTED_TOOLS
+    assert orjson.loads(result["choices"][0]["message"]["tool_calls"][1]["function"]["arguments"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=1 << 16), max_size=40))
+def test_any_split_of_a_recorded_stream_gives_the_same_reply(cuts):
+    assert assemble(split(b"".join(tool_stream()), cuts)) == EXPECTED_TOOLS
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from([b"\r\n", b"\r", b"\n"]),
+    st.lists(st.integers(min_value=0, max_value=1 << 16), max_size=30),
+)
+def test_crlf_and_cr_line_endings_read_like_lf(eol, cuts):
+    body = b"".join(tool_stream()).replace(b"\n", eol)
+    assert assemble(split(body, cuts)) == EXPECTED_TOOLS
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=600), st.lists(st.integers(min_value=0, max_value=700), max_size=8))
+def test_garbage_between_chunks_never_raises_and_real_chunks_still_count(junk, cuts):
+    junk = junk.replace(b"\n", b" ").replace(b"\r", b" ")
+    body = b"".join(tool_stream())
+    noisy = b": keep-alive\n\nevent: x\ndata: {not json\n" + junk + b"\n" + body
+    assert assemble(split(noisy, cuts)) == EXPECTED_TOOLS
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=2000), st.sampled_from([CHAT, COMPLETIONS, RESPONSES]), st.booleans())
+def test_arbitrary_bytes_never_raise(data, path, stream):
+    for encoding in (b"", b"gzip", b"deflate"):
+        result = assemble([data[:7], data[7:]], path, stream, encoding=encoding)
+        assert result is None or isinstance(result, dict)
+
+
+def test_several_choices_are_kept_apart_by_index():
+    chunks = [
+        chat_chunk({"role": "assistant", "content": "Hel"}, index=0),
+        chat_chunk({"role": "assistant", "content": "Bon"}, index=1),
+        chat_chunk({"content": "lo"}, index=0),
+        chat_chunk({"content": "jour"}, index=1),
+        chat_chunk({}, finish="stop", index=1),
+        chat_chunk({}, finish="length", index=0),
+    ]
+    choices = assemble(chunks)["choices"]
+    assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in choices] == [
+        (0, "Hello", "length"),
+        (1, "Bonjour", "stop"),
+    ]
+
+
+def test_refusal_reasoning_and_legacy_function_call_are_assembled():
+    chunks = [
+        chat_chunk({"role": "assistant", "reasoning_content": "think"}),
+        chat_chunk({"reasoning_content": "ing"}),
+        chat_chunk({"refusal": "I can't "}),
+        chat_chunk({"refusal": "help."}),
+        chat_chunk({"function_call": {"name": "lookup", "arguments": '{"q"'}}),
+        chat_chunk({"function_call": {"arguments": ': "x"}'}}, finish="function_call"),
+    ]
+    message = assemble(chunks)["choices"][0]["message"]
+    assert message == {
+        "role": "assistant",
+        "content": None,
+        "refusal": "I can't help.",
+        "reasoning_content": "thinking",
+        "function_call": {"name": "lookup", "arguments": '{"q": "x"}'},
+    }
+
+
+def test_tool_calls_without_index_are_told_apart_by_id():
+    chunks = [
+        chat_chunk({"tool_calls": [{"id": "a", "function": {"name": "f", "arguments": "{"}}]}),
+        chat_chunk({"tool_calls": [{"function": {"arguments": "}"}}]}),
+        chat_chunk({"tool_calls": [{"id": "b", "function": {"name": "g", "arguments": "[]"}}]}),
+        chat_chunk({"tool_calls": [{"id": "b", "function": {"arguments": ""}}]}),
+    ]
+    calls = assemble(chunks)["choices"][0]["message"]["tool_calls"]
+    assert [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        ("a", "f", "{}"),
+        ("b", "g", "[]"),
+    ]
+
+
+def test_an_error_sent_mid_stream_is_kept():
+    chunks = [chat_chunk({"content": "par"}), event({"error": {"message": "overloaded"}})]
+    result = assemble(chunks)
+    assert result["error"] == {"message": "overloaded"}
+    assert result["choices"][0]["message"]["content"] == "par"
+
+
+def test_a_last_line_without_terminator_still_counts_and_result_is_repeatable():
+    assembler = ReplyAssembler(CHAT, True)
+    assembler.feed(chat_chunk({"content": "a"}) + chat_chunk({"content": "b"})[:-2])
+    first = assembler.result()
+    assert first is not None and first["choices"][0]["message"]["content"] == "ab"
+    assert assembler.result() == first
+
+
+def test_non_stream_chat_body_gives_the_message_as_sent():
+    message = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+        ],
+        "refusal": None,
+        "annotations": [],
+    }
+    body = orjson.dumps(
+        {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "model": MODEL,
+            "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}],
+            "usage": USAGE,
+        }
+    )
+    result = assemble(split(body, [10, 200]), stream=False)
+    assert result == {
+        "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}],
+        "model": MODEL,
+        "usage": USAGE,
+        "error": None,
+        "truncated": False,
+    }
+
+
+CHAT_BODY = orjson.dumps(
+    {
+        "model": MODEL,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Bonjour, ça va ?"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": USAGE,
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("encoding", "encoded"),
+    [
+        (b"gzip", gzip.compress(CHAT_BODY)),
+        (b"GZIP ", gzip.compress(CHAT_BODY)),
+        (b"deflate", zlib.compress(CHAT_BODY)),
+        (b"deflate", zlib.compress(CHAT_BODY, wbits=-15)),  # raw deflate, as some servers send
+        (b"identity", CHAT_BODY),
+    ],
+)
+def test_compressed_non_stream_bodies_are_inflated(encoding, encoded):
+    result = assemble(
+        [encoded[i : i + 7] for i in range(0, len(encoded), 7)], stream=False, encoding=encoding
+    )
+    assert result["choices"][0]["message"]["content"] == "Bonjour, ça va ?"
+    assert result["usage"] == USAGE and not result["truncated"]
+
+
+def test_unreadable_bodies_give_no_reply():
+    assert assemble([CHAT_BODY], stream=False, encoding=b"br") is None
+    assert assemble([b"\x1f\x8b\x08garbage"], stream=False, encoding=b"gzip") is None
+    assert assemble([b"[1, 2]"], stream=False) is None
+    assert assemble([CHAT_BODY[:-3]], stream=False) is None
+    assert assemble([CHAT_BODY], path="/v1/embeddings", stream=False) is None
+    assert assemble([chat_chunk({"content": "x"})], path="/v1/models") is None
+
+
+def test_a_gzip_bomb_is_not_inflated_past_the_bound():
+    bomb = gzip.compress(b" " * (64 << 20))  # 64 MiB of spaces in ~64 KiB
+    tracemalloc.start()
+    try:
+        result = assemble([bomb], stream=False, encoding=b"gzip", cap=1 << 16)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result == {"choices": [], "model": None, "usage": None, "error": None, "truncated": True}
+    assert peak < 2 << 20
+
+
+# --------------------------------------------------------------------------------------------
+# the cap
+
+
+def test_text_past_the_cap_is_dropped_and_the_reply_marked_truncated():
+    chunks = [chat_chunk({"content": "0123456789"}) for _ in range(10)]
+    chunks.append(chat_chunk({}, finish="stop"))
+    chunks.append(event({"choices": [], "usage": USAGE}))
+    result = assemble(chunks, cap=45)
+    assert result["choices"][0]["message"]["content"] == "0123456789" * 4
+    assert result["truncated"] is True
+    assert result["choices"][0]["finish_reason"] == "stop"  # what follows is still read
+    assert result["usage"] == USAGE
+
+
+def test_the_cap_counts_utf8_bytes():
+    result = assemble([chat_chunk({"content": "é" * 10}), chat_chunk({"content": "x"})], cap=20)
+    assert result["choices"][0]["message"]["content"] == "é" * 10
+    assert result["truncated"] is True
+
+
+def test_a_line_longer_than_the_cap_is_skipped_without_being_buffered():
+    cap = 1 << 16
+    huge = b'data: {"choices": [{"index": 0, "delta": {"content": "' + b"x" * (8 << 20)
+    tracemalloc.start()
+    try:
+        assembler = ReplyAssembler(CHAT, True, cap=cap)
+        assembler.feed(chat_chunk({"content": "before "}))
+        for i in range(0, len(huge), 4096):
+            assembler.feed(huge[i : i + 4096])
+        assembler.feed(b'"}}]}\n\n' + chat_chunk({"content": "after"}))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    result = assembler.result()
+    # a hole in the reply would mislead: what is kept stays a prefix of it
+    assert result["choices"][0]["message"]["content"] == "before "
+    assert result["truncated"] is True
+    assert peak < 4 * cap + (1 << 17)
+
+
+def test_many_tool_call_indexes_cost_against_the_cap():
+    chunks = [chat_chunk({"tool_calls": [{"index": i}]}) for i in range(10_000)]
+    result = assemble(chunks, cap=4096)
+    assert result["truncated"] is True
+    assert len(result["choices"][0]["message"]["tool_calls"]) <= 1 + 4096 // 64
+
+
+# --------------------------------------------------------------------------------------------
+# completions
+
+
+def test_completions_text_is_concatenated_when_streamed_and_taken_whole_otherwise():
+    chunks = [
+        event(
+            {
+                "object": "text_completion",
+                "model": "gpt-3.5-turbo-instruct",
+                "choices": [{"index": 0, "text": part, "finish_reason": None}],
+            }
+        )
+        for part in ("Once", " upon", " a time")
+    ]
+    chunks.append(event({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]}))
+    streamed = assemble(chunks, COMPLETIONS)
+    assert streamed["choices"] == [
+        {"index": 0, "text": "Once upon a time", "finish_reason": "length"}
+    ]
+    assert streamed["model"] == "gpt-3.5-turbo-instruct"
+    body = orjson.dumps(
+        {
+            "model": "m",
+            "choices": [
+                {
+                    "index": 0,
+                    "text": "Once upon a time",
+                    "finish_reason": "length",
+                    "logprobs": None,
+                }
+            ],
+        }
+    )
+    assert assemble([body], COMPLETIONS, stream=False)["choices"] == streamed["choices"]
+
+
+# --------------------------------------------------------------------------------------------
+# responses
+
+OUTPUT = [
+    {
+        "id": "msg_1",
+        "type": "message",
+        "status": "completed",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": "Hi there!", "annotations": []}],
+    }
+]
+CALL_ITEM = {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "{}"}
+RESP_USAGE = {"input_tokens": 10, "output_tokens": 3, "total_tokens": 13}
+
+
+def responses_events(final: bool) -> list[bytes]:
+    def ev(kind: str, **fields: Any) -> bytes:
+        return b"event: " + kind.encode() + b"\n" + event({"type": kind, **fields})
+
+    response = {"id": "resp_1", "object": "response", "model": "gpt-4.1", "output": []}
+    out = [
+        ev("response.created", response={**response, "status": "in_progress", "usage": None}),
+        ev("response.output_item.added", output_index=0, item={"type": "message"}),
+    ]
+    out += [
+        ev("response.output_text.delta", output_index=0, content_index=0, delta=d)
+        for d in ("Hi", " there", "!")
+    ]
+    out.append(ev("response.output_text.done", output_index=0, text="Hi there!"))
+    out.append(ev("response.output_item.done", output_index=1, item=CALL_ITEM))
+    if final:
+        done = {**response, "status": "completed", "output": OUTPUT, "usage": RESP_USAGE}
+        out.append(ev("response.completed", response=done))
+    return out
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=1 << 14), max_size=20))
+def test_a_responses_stream_gives_the_final_output(cuts):
+    result = assemble(split(b"".join(responses_events(final=True)), cuts), RESPONSES)
+    assert result == {
+        "output": OUTPUT,
+        "status": "completed",
+        "model": "gpt-4.1",
+        "usage": RESP_USAGE,
+        "error": None,
+        "truncated": False,
+    }
+
+
+def test_a_responses_stream_cut_short_gives_the_text_deltas():
+    result = assemble(responses_events(final=False), RESPONSES)
+    assert result["output"] == [
+        {
+            "type": "message",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": "Hi there!"}],
+        },
+        CALL_ITEM,
+    ]
+    assert result["status"] == "in_progress" and result["model"] == "gpt-4.1"
+
+
+def test_a_non_stream_response_gives_its_output():
+    body = orjson.dumps(
+        {
+            "id": "resp_1",
+            "object": "response",
+            "status": "completed",
+            "model": "gpt-4.1",
+            "output": OUTPUT,
+            "usage": RESP_USAGE,
+        }
+    )
+    assert assemble([body[:50], body[50:]], RESPONSES, stream=False) == {
+        "output": OUTPUT,
+        "status": "completed",
+        "model": "gpt-4.1",
+        "usage": RESP_USAGE,
+        "error": None,
+        "truncated": False,
+    }
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=1 << 12), max_size=10))
+def test_a_gzip_compressed_stream_is_inflated_piece_by_piece(cuts):
+    body = gzip.compress(b"".join(tool_stream()))
+    assert assemble(split(body, cuts), encoding=b"gzip") == EXPECTED_TOOLS
+
+
+def test_a_stream_whose_compression_breaks_keeps_what_came_before():
+    good = zlib.compress(b"".join(tool_stream()[:3]))
+    flush = zlib.decompressobj()
+    assert flush.decompress(good)  # sanity: the prefix inflates
+    result = assemble([good[:-4], b"\xff" * 64], encoding=b"deflate")
+    assert result is not None and result["truncated"] is True
+    assert result["choices"][0]["message"]["content"] == "Let me c"
