@@ -18,6 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .admission import Admission, Charge, settle_deltas, usage_cost
+from .eventlog import Capture, Event, EventLog
 from .limitconfig import price_for
 from .records import RecordWriter, UsageRow
 from .usage import JsonUsage, StreamUsage, Usage
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from .keystore import ForwardKey
     from .limitconfig import Price
     from .limits import Bucket, Decision
+    from .metrics import Metrics
 
     Plan = tuple[list[Bucket], float, float, Price | None]
 
@@ -38,6 +40,8 @@ log = logging.getLogger("openai_forward")
 TOKEN_PATHS = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings"}
 )
+# whose conversations the conversation log can hold
+CONVERSATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
 # where the gateway may add stream_options.include_usage to learn a stream's usage
 USAGE_OPTION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
@@ -47,16 +51,19 @@ class Account:
 
     __slots__ = (
         "body",
+        "capture",
         "charge",
         "client_closed",
         "done",
         "facts",
         "key_id",
+        "log_body",
         "observer",
         "path",
         "rate_lines",
         "request_id",
         "route",
+        "sse",
         "started",
         "strip",
         "ts",
@@ -81,6 +88,9 @@ class Account:
         self.key_id: str | None = None
         self.client_closed = False
         self.done = False
+        self.sse = False  # the answer is an event stream
+        self.log_body: bytes | None = None  # the body, when its conversation is logged
+        self.capture: Capture | None = None
 
     def request_facts(self) -> RequestFacts | None:
         """The body's facts, parsed on first use (most requests never need them: the
@@ -96,6 +106,9 @@ class Account:
 
     def on_head(self, status: int, sse: bool, encoding: bytes) -> None:
         """The upstream answered: pick the observer that will find its usage."""
+        self.sse = sse
+        if self.log_body is not None:
+            self.capture = Capture(self.log_body, sse, encoding, [])
         self.observer = None
         if status >= 300 or (self.body is None and self.facts is None):
             return
@@ -108,11 +121,24 @@ class Account:
 class Meter:
     """Usage records, limits and budgets of one worker."""
 
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, store: Any) -> None:
+    def __init__(
+        self,
+        config: Config,
+        loop: asyncio.AbstractEventLoop,
+        store: Any,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.loop = loop
         self.config = config
         self.recording = config.usage
         self.writer = RecordWriter(config.database, interval=config.usage_flush_interval)
+        self.events = EventLog(config)
+        self.logging = self.events.active
+        self.metrics = metrics
+        # whether every request needs an Account (else only limited ones do)
+        self.observing = self.recording or self.logging or metrics is not None
+        self.capture_cap = config.conversation_max_bytes
+        self.conversing = bool(config.conversation_log)
         self.admission = Admission(config)
         self.store = store
         # request ids: a random prefix per worker and a counter (cheap, and sequential in
@@ -127,9 +153,31 @@ class Meter:
     def account(self, path: str, route: str) -> Account:
         """A new request's accounting state."""
         request_id = f"{self._id_prefix}{next(self._ids):08x}"
-        return Account(request_id, path, route, self.loop.time())
+        if self.metrics is not None:
+            self.metrics.request_started()
+        return Account(request_id, path, route, time.perf_counter())
+
+    def converses(self, req: Request, route: Any) -> bool:
+        """Whether the conversation log keeps this request (its route and key opted in)."""
+        if not self.conversing or req.path not in CONVERSATION_PATHS:
+            return False
+        config = self.config
+        if config.conversation_keys:
+            identity = req.identity
+            if identity is None or not (
+                identity.name in config.conversation_keys or identity.id in config.conversation_keys
+            ):
+                return False
+        if config.conversation_routes:
+            from .auth import route_matches
+
+            names = [t.name for t in route.targets]
+            paths = (route.prefix.rstrip("/") + req.path,)
+            return route_matches(config.conversation_routes, names, paths)
+        return True
 
     def start(self) -> None:
+        self.events.start(self.loop)
         if self.recording:
             self.writer.start(self.loop)
             # tiktoken may download its encodings: a daemon thread, never the event loop,
@@ -169,6 +217,7 @@ class Meter:
             await asyncio.wait(self._settling, timeout=1.0)
         if self.recording:
             await self.writer.aclose()
+        await self.events.aclose()
         close = getattr(self.store, "aclose", None)
         if close is not None:
             await close()
@@ -238,36 +287,92 @@ class Meter:
             self._settle(charge, usage.total, cost or 0.0)
         elif self.config.prices and model is not None:
             cost = usage_cost(price_for(self.config.prices, model), usage)
-        if not self.recording:
+        now = time.perf_counter()  # the loop clock ticks in ms: too coarse here
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.request_ended()
+            if acct.sse:
+                metrics.stream_ended()
+            metrics.request(
+                acct.route,
+                acct.upstream or "",
+                model or "",
+                status,
+                now - acct.started,
+                None if acct.ttfb is None else acct.ttfb - acct.started,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                None,
+            )
+        if not self.recording and not self.logging:
             return
         identity: ForwardKey | None = req.identity
-        now = self.loop.time()
-        self.writer.add(
-            UsageRow(
-                request_id=acct.request_id,
-                ts=acct.ts,
-                key_id=identity.id if identity is not None else None,
-                key_name=identity.name if identity is not None else None,
-                client_ip=req.client_ip or req.client.peer,
-                route=acct.route,
-                path=acct.path,
-                upstream=acct.upstream,
-                upstream_key=upstream_key,
-                model=model,
-                status=status,
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                cached_tokens=usage.cached_tokens,
-                reasoning_tokens=usage.reasoning_tokens,
-                estimated=int(usage.estimated),
-                stream=int(isinstance(acct.observer, StreamUsage)),
-                client_closed=int(acct.client_closed),
-                ttfb_ms=None if acct.ttfb is None else (acct.ttfb - acct.started) * 1000,
-                duration_ms=(now - acct.started) * 1000,
-                cost=cost,
-                error_code=error_code,
-            )
+        row = UsageRow(
+            request_id=acct.request_id,
+            ts=acct.ts,
+            key_id=identity.id if identity is not None else None,
+            key_name=identity.name if identity is not None else None,
+            client_ip=req.client_ip or req.client.peer,
+            route=acct.route,
+            path=acct.path,
+            upstream=acct.upstream,
+            upstream_key=upstream_key,
+            model=model,
+            status=status,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cached_tokens=usage.cached_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            estimated=int(usage.estimated),
+            stream=int(isinstance(acct.observer, StreamUsage)),
+            client_closed=int(acct.client_closed),
+            ttfb_ms=None if acct.ttfb is None else (acct.ttfb - acct.started) * 1000,
+            duration_ms=(now - acct.started) * 1000,
+            cost=cost,
+            error_code=error_code,
         )
+        if self.recording:
+            self.writer.add(row)
+        if self.logging:
+            self.events.add(Event(row, req.method, acct.capture))
+
+    def refused(self, req: Request, status: int, error_code: str, request_id: str) -> None:
+        """A request answered with an error before it had an account (bad head, unknown
+        key, no route, body too large): the access log and the metrics still see it."""
+        if self.metrics is not None:
+            route_name = req.ctx.prefix if req.ctx is not None else "unmatched"
+            self.metrics.request(route_name, "", "", status, 0.0, None, 0, 0, None)
+        if not self.logging:
+            return
+        identity: ForwardKey | None = req.identity
+        target = (req.target or b"").split(b"?", 1)[0]  # a query may hold a key: not logged
+        path = req.path or target.decode("latin-1")
+        route = req.ctx.prefix if req.ctx is not None else ""
+        row = UsageRow(
+            request_id,
+            time.time(),
+            identity.id if identity is not None else None,
+            identity.name if identity is not None else None,
+            req.client_ip or req.client.peer,
+            route,
+            path,
+            None,
+            None,
+            None,
+            status,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            None,
+            0.0,
+            None,
+            error_code,
+        )
+        self.events.add(Event(row, req.method or b"-", None))
 
     def _usage(self, acct: Account, status: int) -> tuple[Usage, str | None]:
         """The upstream's own figures when it gave them, else an estimate (marked so)."""

@@ -66,9 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     for action in (create, listing, revoke):  # also accepted after the action
         action.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         action.add_argument("--database", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    from . import report
+    from . import logexport, report
 
     report.add_parser(sub)
+    logexport.add_parser(sub)
     return parser
 
 
@@ -79,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     skip = (
         *("command", "config", "action", "name", "models", "routes", "expires", "json", "all"),
-        *("by", "since", "until"),
+        *("by", "since", "until", "logs_action", "file", "format", "model", "output"),
         *(flag for flag, _ in _POLICY_FLAGS),
     )
     overrides = {k: v for k, v in vars(args).items() if k not in (*skip, "key")}
@@ -100,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import report
 
         return report.run(args, config)
+    if args.command == "logs":
+        from . import logexport
+
+        return logexport.run(args, config.conversation_log)
     from .server import serve
 
     return serve(config)

@@ -139,6 +139,21 @@ class Config:
     state_timeout: float = 0.1
     state_slots: int = 65536
     reserve_tokens: int = 4096
+    # logs and metrics
+    access_log: str = "stdout"
+    access_log_format: str = "auto"
+    log_flush_interval: float = 0.5
+    log_max_bytes: int = 100 * 1024 * 1024
+    log_backups: int = 10
+    log_retention_days: float = 0.0
+    conversation_log: str = ""
+    conversation_routes: tuple[str, ...] = ()
+    conversation_keys: tuple[str, ...] = ()
+    conversation_max_bytes: int = 1024 * 1024
+    metrics: bool = False
+    metrics_path: str = "/metrics"
+    metrics_listen: str = ""
+    admin_token: str = field(default="", repr=False)
     upstreams: tuple[UpstreamConfig, ...] = ()
     forward_keys: tuple[ForwardKeyConfig, ...] = ()
     limits: tuple[LimitRule, ...] = ()
@@ -167,6 +182,8 @@ class Config:
             if entry.get("keys"):
                 entry["keys"] = ["***"] * len(entry["keys"])
         out["state"] = _mask_url(self.state)
+        if out["admin_token"]:
+            out["admin_token"] = "***"
         return out
 
 
@@ -227,11 +244,15 @@ def _convert(key: str, raw: Any, kind: Any) -> Any:
     return str(raw)
 
 
+_ZERO_OK = ("port", "max_fallbacks", "log_retention_days")
+ACCESS_LOG_FORMATS = ("auto", "json", "console")
+
+
 def _validate(cfg: Config) -> None:
     cfg_dict = dataclasses.asdict(cfg)
     for f in fields(cfg):
         value = cfg_dict[f.name]
-        if f.type in ("float", "int") and value <= 0 and f.name not in ("port", "max_fallbacks"):
+        if f.type in ("float", "int") and value <= 0 and f.name not in _ZERO_OK:
             raise ConfigError(f"{f.name}: {value!r} must be greater than zero")
     if not 0 <= cfg.port <= 65535:
         raise ConfigError(f"port: {cfg.port!r} is not a TCP port (0-65535)")
@@ -252,6 +273,38 @@ def _validate(cfg: Config) -> None:
     access_rules(cfg)
     parse_base_url(cfg.base_url)
     _validate_state(cfg.state)
+    _validate_logs(cfg)
+
+
+def _validate_logs(cfg: Config) -> None:
+    if cfg.access_log_format not in ACCESS_LOG_FORMATS:
+        raise ConfigError(
+            f"access_log_format: {cfg.access_log_format!r} is not one of auto, json, console"
+        )
+    if cfg.log_retention_days < 0:
+        raise ConfigError("log_retention_days: must be 0 (keep every file) or more")
+    if any(c in cfg.admin_token for c in "\r\n\0 "):
+        raise ConfigError("admin_token: contains a space or a control character")
+    if cfg.admin_token and len(cfg.admin_token) < 16:
+        raise ConfigError("admin_token: use at least 16 characters")
+    if not cfg.metrics_path.startswith("/") or "?" in cfg.metrics_path:
+        raise ConfigError(f"metrics_path: {cfg.metrics_path!r} must be a path starting with '/'")
+    if cfg.metrics_listen:
+        listen_address(cfg.metrics_listen, "metrics_listen")
+    elif cfg.metrics and not cfg.admin_token:
+        raise ConfigError(
+            "metrics: /metrics needs admin_token (scrapers send it as a bearer token) or "
+            "metrics_listen (a separate address, e.g. 127.0.0.1:9464)"
+        )
+
+
+def listen_address(text: str, key: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``) as (host, port); ConfigError names ``key``."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: {text!r} is not host:port (e.g. 127.0.0.1:9464)")
+    return host, int(port)
 
 
 def _validate_state(url: str) -> None:

@@ -40,6 +40,7 @@ class App(Protocol):
 
     def begin(self, req: Request) -> bytes | None: ...
     def handle(self, req: Request) -> None: ...
+    def refused(self, req: Request, error: GatewayError, request_id: str) -> None: ...
 
 
 class Request:
@@ -317,7 +318,9 @@ class ServerProtocol(asyncio.Protocol):
                     return
         if error is not None:
             self._stop_reading()
-            self._enqueue(req, error.response(new_request_id(), close=True), close=True)
+            request_id = new_request_id()
+            self.app.refused(req, error, request_id)
+            self._enqueue(req, error.response(request_id, close=True), close=True)
             return
         if self.active is None and not self.queue:
             self._start(req)
@@ -466,7 +469,10 @@ class ServerProtocol(asyncio.Protocol):
         self._stop_reading()
         req = self.req
         self.req = None
-        response = error.response(new_request_id(), close=True)
+        request_id = new_request_id()
+        response = error.response(request_id, close=True)
+        if req is not None and req is not self.active and not req.responded:
+            self.app.refused(req, error, request_id)  # else it was answered and logged
         if req is not None and req is self.active:
             # the request is being forwarded and its body went wrong
             if req.on_lost is not None:

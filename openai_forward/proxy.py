@@ -12,13 +12,14 @@ relay's last callback hands the client connection back for its next request.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import math
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import errors
 from .access import AccessRules
@@ -36,10 +37,14 @@ from .config import Config, access_rules
 from .errors import GatewayError, new_request_id
 from .http1 import Request
 from .keypool import Key, error_code, retry_after
+from .limits import Bucket
 from .paths import PathError, canonicalize, split_target, with_v1
 from .routing import Route, Router
 from .targets import Target, model_list, union_models
 from .upstream import Pool, UpstreamConnection
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = logging.getLogger("openai_forward")
 
@@ -70,6 +75,14 @@ UPLOAD_PREFIXES = (
 )
 
 _NO_BODY_STATUS = frozenset({204, 304})
+METRICS = object()  # req.ctx of a scrape of /metrics
+# upstream failures by kind, for the metrics
+_ERROR_KINDS = {
+    "upstream_connect_error": "connect",
+    "upstream_timeout": "timeout",
+    "upstream_disconnected": "reset",
+    "upstream_protocol_error": "protocol",
+}
 _KEY_FAILURES = frozenset({401, 403, 429})  # answers that say something about the key
 
 
@@ -91,7 +104,13 @@ def _drop_named(lines: list[bytes], start: int, names: frozenset[bytes]) -> list
 class Proxy:
     """The application the server protocol drives: one per worker, no per-request state."""
 
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, state: Any = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        loop: asyncio.AbstractEventLoop,
+        state: Any = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.loop = loop
         self.targets: dict[str, Target] = {}
         for up in config.routes:
@@ -110,8 +129,13 @@ class Proxy:
         self.rules: AccessRules = access_rules(config)
         self.check_ip = self.rules.active
         self.resolve_ip = self.check_ip or bool(config.trusted_proxies)
-        self.meter = Meter(config, loop, state)
+        self.meter = Meter(config, loop, state, metrics)
         self._seeding: asyncio.Task[None] | None = None
+        # /metrics on this port: only with an admin token (else it has its own address)
+        self.metrics_path = config.metrics_path
+        self.metrics_here = metrics is not None and not config.metrics_listen
+        self.admin_token = config.admin_token.encode()
+        self._ticking: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         """Background work of a running worker: following the forward-key store, writing
@@ -120,14 +144,93 @@ class Proxy:
         self.meter.start()
         if self.meter.store is not None:
             self._seeding = self.loop.create_task(self._seed_budgets())
+        if self.meter.metrics is not None:
+            self._ticking = self.loop.create_task(self._tick_metrics())
+
+    async def _tick_metrics(self) -> None:
+        """Once a second: the key pools' state, and this worker's counts, to the metrics."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self.flush_metrics()
+            except Exception:
+                log.exception("metrics: could not update")
+
+    def flush_metrics(self) -> None:
+        metrics = self.meter.metrics
+        if metrics is None:
+            return
+        now = self.loop.time()
+        metrics.key_pool(
+            (target.name, key.id, key.state(now))
+            for target in self.targets.values()
+            if target.keys is not None
+            for key in target.keys.keys
+        )
+        metrics.flush()
+
+    async def serve_metrics(self, req: Request) -> None:
+        """Answer a scrape: this worker's counts flushed, then every worker's, rendered off
+        the event loop (a multi-worker scrape reads every worker's files)."""
+        metrics = self.meter.metrics
+        assert metrics is not None
+        accept = next((v for n, v in req.headers if n.lower() == b"accept"), None)
+        try:
+            self.flush_metrics()
+            body, ctype = await self.loop.run_in_executor(None, metrics.exposition, accept)
+        except asyncio.CancelledError:
+            return
+        except Exception:
+            log.exception("metrics: could not render")
+            error = GatewayError(500, "internal_error", "The metrics could not be rendered.")
+            req.client.write(error.response(new_request_id()))
+            req.client.finish(req, reusable=True)
+            return
+        if req.client.transport is None:
+            return
+        req.responded = True
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: %b\r\ncache-control: no-store\r\n" % ctype
+        head += b"content-length: %d\r\n" % len(body)
+        if not req.keep_alive:
+            head += b"connection: close\r\n"
+        req.client.write(head + b"\r\n" + (b"" if req.method == b"HEAD" else body))
+        req.client.finish(req, reusable=req.keep_alive)
+
+    def _metrics_request(self, req: Request) -> None:
+        """Check a request for ``metrics_path``: the admin token, a GET."""
+        token = None
+        for name, value in req.headers:
+            if name.lower() == b"authorization" and value[:7].lower() == b"bearer ":
+                token = value[7:].strip()
+        if token is None or not hmac.compare_digest(token, self.admin_token):
+            raise GatewayError(
+                401, "invalid_admin_token", "The metrics need the admin token as a bearer token."
+            )
+        if req.method not in (b"GET", b"HEAD"):
+            raise GatewayError(405, "method_not_allowed", "Use GET for the metrics.")
+        req.ctx = METRICS
 
     async def _seed_budgets(self) -> None:
         await self.forward.refresh(self.loop)
         budgeted = [k.id for k in self.forward.keys.values() if self.meter.has_budget(k)]
         await self.meter.load_seeds(budgeted)
 
+    def refused(self, req: Request, error: GatewayError, request_id: str) -> None:
+        """An error answered before forwarding began: logged and counted all the same."""
+        try:
+            self.meter.refused(req, error.status, error.code, request_id)
+        except Exception:  # a log line must never break the answer
+            log.exception("could not log a refused request")
+
     async def aclose(self) -> None:
-        """Stop: flush the usage records, then close connections and the key store."""
+        """Stop: flush the usage records and the metrics, then close connections and the key
+        store."""
+        if self._ticking is not None:
+            self._ticking.cancel()
+        try:
+            self.flush_metrics()
+        except Exception:
+            log.exception("metrics: could not update")
         await self.meter.aclose()
         self.close()
 
@@ -147,6 +250,9 @@ class Proxy:
             raise errors.bad_request(str(exc), "invalid_path") from None
         if path == self.health_path and req.method in (b"GET", b"HEAD"):
             return _json_response(req, b"200 OK", b'{"status":"ok"}')
+        if path == self.metrics_path and self.metrics_here:
+            self._metrics_request(req)
+            return None
         found = self.router.match(path)
         if found is None:
             raise GatewayError(404, "route_not_found", "No upstream serves this path.")
@@ -255,12 +361,15 @@ class Proxy:
 
         The policies, in order: model routing and scope (when the body says which model),
         admission (rate limits, budgets), then the upstream attempt(s)."""
+        if req.ctx is METRICS:
+            self.loop.create_task(self.serve_metrics(req))
+            return
         relay = Relay(self, req)
         req.on_lost = relay.client_lost
         route: Route = req.ctx
         meter = self.meter
         try:
-            if meter.recording or meter.admission.applies(req.identity):
+            if meter.observing or meter.admission.applies(req.identity):
                 relay.acct = meter.account(req.path, route.prefix)
             if route.by_model and req.method == b"GET" and req.path == "/v1/models":
                 relay.task = self.loop.create_task(self.list_models(relay, route))
@@ -282,7 +391,9 @@ class Proxy:
         if self._strict_body(req, route):
             return not _is_multipart(req)  # an upload's model is a form field: not read
         # token endpoints take JSON: no need to look for an upload
-        return self.meter.recording and req.method == b"POST" and req.path in TOKEN_PATHS
+        if req.method != b"POST" or req.path not in TOKEN_PATHS:
+            return False
+        return self.meter.recording or self.meter.converses(req, route)
 
     def _strict_body(self, req: Request, route: Route) -> bool:
         """Whether the request cannot go on without a valid JSON body to read."""
@@ -298,6 +409,8 @@ class Proxy:
         try:
             body = b"".join(req.pending or ())
             acct = relay.acct
+            if acct is not None and self.meter.converses(req, route):
+                acct.log_body = body
             if not self._strict_body(req, route):
                 # accounting only: a body that is not a stream is not even parsed (the answer
                 # names the model and the usage); a stream may need the usage option added
@@ -409,6 +522,9 @@ class Proxy:
         if acct is not None:
             acct.charge = Charge(decision, tokens, cost, price)
         if not decision.allowed:
+            metrics = self.meter.metrics
+            if metrics is not None and decision.refused is not None:
+                metrics.limited(*_limit_labels(decision.refused))
             relay.fail_before_response(refusal(decision))
             return
         if acct is not None:
@@ -531,6 +647,7 @@ class Relay:
             conn = await pool.connect()
         except GatewayError as exc:
             self.task = None
+            self._count_error(exc)
             if not self.fall_back(exc):
                 self.fail_before_response(exc)
             return
@@ -708,7 +825,9 @@ class Relay:
         acct = self.acct
         if acct is not None:
             if acct.ttfb is None:
-                acct.ttfb = self.proxy.loop.time()
+                acct.ttfb = time.perf_counter()
+            if acct.capture is not None:
+                acct.capture.keep(data, self.proxy.meter.capture_cap)
             if acct.observer is not None:
                 shown = acct.observer.feed(data)
                 if shown is not None:
@@ -763,6 +882,7 @@ class Relay:
 
     def on_error(self, error: GatewayError, stale: bool) -> None:
         req = self.req
+        self._count_error(error)
         if self.discard is not None:  # the refused key's answer broke off: next key anyway
             self.discard = None
             self.key = None
@@ -793,10 +913,23 @@ class Relay:
 
     # accounting
 
+    def _count_error(self, error: GatewayError) -> None:
+        metrics = self.proxy.meter.metrics
+        if metrics is not None and self.target is not None:
+            kind = _ERROR_KINDS.get(error.code, error.code)
+            metrics.upstream_error(self.target.name, kind)
+
     def _account_head(self, acct: Account, status: int, encoding: bytes) -> None:
         assert self.target is not None
         acct.upstream = self.target.name
+        was_stream = acct.sse
         acct.on_head(status, self.sse, encoding)
+        metrics = self.proxy.meter.metrics
+        if metrics is not None:
+            if self.sse and not was_stream:
+                metrics.stream_started()
+            if status == 429 or status >= 500:
+                metrics.upstream_error(self.target.name, "429" if status == 429 else "5xx")
 
     def account_end(self, status: int, error_code: str | None = None) -> None:
         """Settle limits and record usage, once, however the request ended."""
@@ -851,6 +984,18 @@ class Relay:
         head_only = req.method == b"HEAD"
         self.client.write(error.response(new_request_id(), close=close, head_only=head_only))
         self.client.finish(req, reusable=not close)
+
+
+def _limit_labels(bucket: Bucket) -> tuple[str, str]:
+    """(scope, kind) of a refusing bucket, for the metrics."""
+    if bucket.kind == "quota":
+        return "budget", "quota"
+    scope = bucket.name.split("|", 1)[0].split(":", 1)[0]
+    if scope == "client":  # a client's own key, counted per key
+        scope = "key"
+    if bucket.kind == "concurrent":
+        return scope, "concurrent"
+    return scope, bucket.unit or "requests"
 
 
 def _replace_body(req: Request, body: bytes) -> None:

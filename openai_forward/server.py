@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -17,10 +18,12 @@ import sys
 import time
 from typing import Any
 
-from .config import Config
-from .http1 import ServerProtocol
+from .banner import banner
+from .config import Config, listen_address
+from .errors import GatewayError
+from .http1 import Request, ServerProtocol
 from .keypool import key_id
-from .proxy import Proxy
+from .proxy import METRICS, Proxy
 
 log = logging.getLogger("openai_forward")
 
@@ -37,13 +40,30 @@ def setup_logging(level: str) -> None:
 
 def bind(config: Config) -> socket.socket:
     """The listening socket; IPv6 hosts get an AF_INET6 socket."""
-    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    return bind_address(config.host, config.port)
+
+
+def bind_address(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((config.host, config.port))
+    sock.bind((host, port))
     sock.listen(2048)
     sock.setblocking(False)
     return sock
+
+
+class Sockets:
+    """What the workers serve: the gateway's socket, and the metrics' own if configured."""
+
+    def __init__(self, main: socket.socket, metrics: socket.socket | None) -> None:
+        self.main = main
+        self.metrics = metrics
+
+    def close(self) -> None:
+        self.main.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 def serve(config: Config) -> int:
@@ -56,6 +76,21 @@ def serve(config: Config) -> int:
         return 1
     host, port = sock.getsockname()[:2]
     log.info("openai-forward listening on http://%s:%d, %d worker(s)", host, port, config.workers)
+    msock = None
+    if config.metrics and config.metrics_listen:
+        mhost, mport = listen_address(config.metrics_listen, "metrics_listen")
+        try:
+            msock = bind_address(mhost, mport)
+        except OSError as exc:
+            log.error("cannot listen on %s for the metrics: %s", config.metrics_listen, exc)
+            sock.close()
+            return 1
+        bound = msock.getsockname()
+        log.info("metrics on http://%s:%d%s", bound[0], bound[1], config.metrics_path)
+    elif config.metrics:
+        log.info("metrics on %s (admin token required)", config.metrics_path)
+    log.info("startup %s", json.dumps(banner(config, host, port), separators=(",", ":")))
+    sockets = Sockets(sock, msock)
     for up in config.routes:
         target = up.upstream
         log.info(
@@ -72,9 +107,17 @@ def serve(config: Config) -> int:
             else "",
             ", via proxy" if up.proxy or config.proxy else "",
         )
-    if config.workers == 1:
-        return run_worker(config, sock)
-    return supervise(config, sock)
+    if config.metrics:
+        from . import metrics
+
+        metrics.setup(config.workers, None)
+    try:
+        if config.workers == 1:
+            return run_worker(config, sockets)
+        return supervise(config, sockets)
+    finally:
+        if config.metrics:
+            metrics.teardown()
 
 
 def state_store(config: Config, shared: Any = None) -> Any:
@@ -97,27 +140,38 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def run_worker(config: Config, sock: socket.socket, shared: Any = None, index: int = 0) -> int:
+def run_worker(config: Config, sockets: Sockets, shared: Any = None, index: int = 0) -> int:
     loop = _new_loop()
     asyncio.set_event_loop(loop)
     if shared is not None:
         shared.attach(index)
     try:
-        loop.run_until_complete(_worker(config, sock, state_store(config, shared)))
+        loop.run_until_complete(_worker(config, sockets, state_store(config, shared)))
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
     return 0
 
 
-async def _worker(config: Config, sock: socket.socket, state: Any) -> None:
+async def _worker(config: Config, sockets: Sockets, state: Any) -> None:
     loop = asyncio.get_running_loop()
-    proxy = Proxy(config, loop, state)
+    metrics = None
+    if config.metrics:
+        from .metrics import Metrics
+
+        metrics = Metrics()
+    proxy = Proxy(config, loop, state, metrics)
     proxy.start()
     connections: set[ServerProtocol] = set()
     server = await loop.create_server(
-        lambda: ServerProtocol(proxy, config, connections), sock=sock, backlog=2048
+        lambda: ServerProtocol(proxy, config, connections), sock=sockets.main, backlog=2048
     )
+    metrics_server = None
+    if sockets.metrics is not None:
+        scrapes = MetricsApp(proxy)
+        metrics_server = await loop.create_server(
+            lambda: ServerProtocol(scrapes, config, set()), sock=sockets.metrics
+        )
     stop = asyncio.Event()
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
@@ -125,6 +179,8 @@ async def _worker(config: Config, sock: socket.socket, state: Any) -> None:
     await stop.wait()
     log.info("stopping: draining %d connection(s)", len(connections))
     server.close()
+    if metrics_server is not None:
+        metrics_server.close()
     for conn in list(connections):
         conn.shutdown()
     deadline = loop.time() + config.shutdown_timeout
@@ -136,7 +192,7 @@ async def _worker(config: Config, sock: socket.socket, state: Any) -> None:
     await asyncio.sleep(0)
 
 
-def supervise(config: Config, sock: socket.socket) -> int:
+def supervise(config: Config, sockets: Sockets) -> int:
     """Fork the workers, keep them running, stop them together."""
     stopping = False
     children: dict[int, tuple[float, int]] = {}
@@ -156,7 +212,7 @@ def supervise(config: Config, sock: socket.socket) -> int:
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                code = run_worker(config, sock, shared, index)
+                code = run_worker(config, sockets, shared, index)
             except BaseException:
                 log.exception("worker failed")
             finally:
@@ -196,6 +252,10 @@ def supervise(config: Config, sock: socket.socket) -> int:
         entry = children.pop(pid, None)
         if entry is None:
             continue
+        if config.metrics:
+            from . import metrics
+
+            metrics.worker_died(pid)  # its in-flight gauges go; its counters stay
         started, index = entry
         exit_code = os.waitstatus_to_exitcode(status)
         if stopping:
@@ -208,5 +268,28 @@ def supervise(config: Config, sock: socket.socket) -> int:
         if time.monotonic() - started < 1.0:
             time.sleep(1.0)  # a worker that dies at once: do not spin
         spawn(index)
-    sock.close()
+    sockets.close()
     return code
+
+
+class MetricsApp:
+    """What the metrics' own address serves: ``metrics_path``, and nothing else."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.path = proxy.metrics_path
+
+    def begin(self, req: Request) -> bytes | None:
+        path = req.target.split(b"?", 1)[0].decode("latin-1")
+        if path != self.path:
+            raise GatewayError(404, "not_found", f"Only {self.path} is served here.")
+        if req.method not in (b"GET", b"HEAD"):
+            raise GatewayError(405, "method_not_allowed", "Use GET for the metrics.")
+        req.ctx = METRICS
+        return None
+
+    def handle(self, req: Request) -> None:
+        self.proxy.loop.create_task(self.proxy.serve_metrics(req))
+
+    def refused(self, req: Request, error: GatewayError, request_id: str) -> None:
+        pass  # a bad scrape is not a request of the gateway's

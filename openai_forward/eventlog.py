@@ -1,0 +1,301 @@
+"""The access log and the conversation log, fed from the event the usage records get.
+
+When a request ends, the worker's :class:`EventLog` receives its :class:`Event`: the usage
+row (the same one the usage records get), the method, and, for a request whose conversation
+is logged, the raw request body and the response bytes as the upstream sent them. ``add``
+only appends to a list. Every ``log_flush_interval`` seconds a writer thread turns the
+batch into JSON lines (or console lines), appends them to standard output or to rotating
+files and assembles the conversations; the event loop never formats, parses or writes for a
+log. (The metrics are fed from the same moment, in ``Meter.finish``.)
+
+A line never holds a secret: keys appear by id and name only, and the conversation log holds
+bodies, never headers. ``orjson`` escapes every control character in strings, and the
+console format writes strings with Python's escapes, so a client cannot forge a line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .records import UsageRow
+
+log = logging.getLogger("openai_forward")
+
+
+class Sink(Protocol):
+    def write(self, lines: list[bytes]) -> None: ...
+    def close(self) -> None: ...
+
+
+@dataclass(slots=True)
+class Capture:
+    """A logged conversation's raw material, kept on the loop without parsing it."""
+
+    body: bytes  # the request body as the client sent it
+    stream: bool  # the answer is text/event-stream
+    encoding: bytes  # its content-encoding
+    pieces: list[bytes]  # the answer's bytes, up to ``cap``
+    size: int = 0
+    truncated: bool = False
+
+    def keep(self, data: bytes, cap: int) -> None:
+        if self.truncated:
+            return
+        if self.size + len(data) > cap:
+            self.truncated = True
+            return
+        self.pieces.append(data)
+        self.size += len(data)
+
+
+@dataclass(slots=True)
+class Event:
+    """One finished request, as every log and the metrics see it."""
+
+    row: UsageRow
+    method: bytes
+    capture: Capture | None = None
+
+
+def access_record(event: Event) -> dict[str, Any]:
+    """The fields of an access log line, in a fixed order."""
+    row = event.row
+    return {
+        "time": _iso(row.ts),
+        "request_id": row.request_id,
+        "client_ip": row.client_ip,
+        "method": event.method.decode("latin-1"),
+        "path": row.path,
+        "route": row.route,
+        "status": row.status,
+        "key_id": row.key_id,
+        "key_name": row.key_name,
+        "upstream": row.upstream,
+        "upstream_key": row.upstream_key,
+        "model": row.model,
+        "stream": bool(row.stream),
+        "ttfb_ms": None if row.ttfb_ms is None else round(row.ttfb_ms, 3),
+        "duration_ms": round(row.duration_ms, 3),
+        "prompt_tokens": row.prompt_tokens,
+        "completion_tokens": row.completion_tokens,
+        "cached_tokens": row.cached_tokens,
+        "reasoning_tokens": row.reasoning_tokens,
+        "estimated": bool(row.estimated),
+        "cost": row.cost,
+        "cache": "hit" if row.cache_hit else None,
+        "client_closed": bool(row.client_closed),
+        "error_code": row.error_code,
+    }
+
+
+def json_line(event: Event) -> bytes:
+    return orjson.dumps(access_record(event)) + b"\n"
+
+
+def console_line(event: Event) -> bytes:
+    """A line for a person at a terminal: time, status, method, path, who, where, how long."""
+    row = event.row
+    parts = [
+        _iso(row.ts)[11:23],
+        str(row.status),
+        _safe(event.method.decode("latin-1")),
+        _safe(row.path),
+        f"key={_safe(row.key_name or row.key_id or '-')}",
+        f"ip={_safe(row.client_ip)}",
+    ]
+    if row.upstream:
+        parts.append(f"-> {_safe(row.upstream)}")
+    if row.model:
+        parts.append(f"model={_safe(row.model)}")
+    if row.prompt_tokens or row.completion_tokens:
+        mark = "~" if row.estimated else ""
+        parts.append(f"tokens={mark}{row.prompt_tokens}+{row.completion_tokens}")
+    if row.ttfb_ms is not None:
+        parts.append(f"ttfb={row.ttfb_ms:.1f}ms")
+    parts.append(f"{row.duration_ms:.1f}ms")
+    if row.error_code:
+        parts.append(f"error={_safe(row.error_code)}")
+    parts.append(f"id={row.request_id}")
+    return " ".join(parts).encode() + b"\n"
+
+
+def _safe(text: str) -> str:
+    """``text`` with control characters, quotes and non-ASCII escaped (one line, always)."""
+    if text.isascii() and text.isprintable():
+        return text
+    return repr(text)[1:-1]
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def conversation_record(event: Event, cap: int) -> dict[str, Any] | None:
+    """The conversation log's record of ``event``; None if its body is not a JSON object."""
+    from .conversation import ReplyAssembler
+
+    capture = event.capture
+    assert capture is not None
+    try:
+        request = orjson.loads(capture.body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(request, dict):
+        return None
+    row = event.row
+    reply = None
+    if row.status < 300 and capture.pieces:
+        assembler = ReplyAssembler(row.path, capture.stream, capture.encoding, cap)
+        for piece in capture.pieces:
+            assembler.feed(piece)
+        reply = assembler.result()
+        if reply is not None and capture.truncated:
+            reply["truncated"] = True
+    usage = None
+    if row.prompt_tokens or row.completion_tokens:
+        usage = {
+            "prompt_tokens": row.prompt_tokens,
+            "completion_tokens": row.completion_tokens,
+            "estimated": bool(row.estimated),
+        }
+    return {
+        "ts": row.ts,
+        "request_id": row.request_id,
+        "key_id": row.key_id,
+        "key_name": row.key_name,
+        "route": row.route,
+        "path": row.path,
+        "upstream": row.upstream,
+        "model": row.model,
+        "status": row.status,
+        "error": row.error_code,
+        "request": request,
+        "reply": reply,
+        "usage": usage,
+    }
+
+
+def open_sink(target: str, config: Config) -> Sink:
+    """``stdout``, or a rotating file at ``target``."""
+    from .logfile import LineFile, StdoutLines
+
+    if target == "stdout":
+        return StdoutLines()
+    retention = config.log_retention_days or None
+    return LineFile(target, config.log_max_bytes, config.log_backups, retention)
+
+
+def access_target(config: Config) -> str | None:
+    target = config.access_log.strip()
+    return None if target.lower() in ("", "off", "false", "none") else target
+
+
+class EventLog:
+    """The logs and metrics of one worker: ``add`` on the loop, the work on a thread."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.interval = config.log_flush_interval
+        self.access = access_target(config)
+        fmt = config.access_log_format
+        if fmt == "auto":
+            fmt = "console" if self.access == "stdout" and sys.stdout.isatty() else "json"
+        self._line = console_line if fmt == "console" else json_line
+        self.conversations = config.conversation_log or None
+        self._sinks: dict[str, Sink] = {}
+        self._pending: list[Event] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="logs")
+        self._failing = False
+        self.dropped = 0
+
+    @property
+    def active(self) -> bool:
+        """Whether any log wants request events."""
+        return bool(self.access or self.conversations)
+
+    def add(self, event: Event) -> None:
+        """Queue ``event`` for the next flush. O(1); never blocks, never raises."""
+        self._pending.append(event)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._task is None and self.active:
+            self._task = loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self._closing:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            if self._closing:
+                return
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Hand every pending event to the writer thread and wait for it."""
+        events, self._pending = self._pending, []
+        if not events:
+            return
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._thread, self._write, events)
+
+    async def aclose(self) -> None:
+        """Write every pending event, close the files (graceful stop: no line lost)."""
+        if self._closing:
+            return
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        await self.flush()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._thread, self._close_sinks)
+        self._thread.shutdown(wait=True)
+
+    # the writer thread
+
+    def _write(self, events: list[Event]) -> None:
+        if self.access:
+            lines = [self._line(e) for e in events]
+            self._emit(self.access, lines)
+        if self.conversations:
+            cap = self.config.conversation_max_bytes
+            records = [conversation_record(e, cap) for e in events if e.capture is not None]
+            lines = [orjson.dumps(r) + b"\n" for r in records if r is not None]
+            self._emit(self.conversations, lines)
+
+    def _emit(self, target: str, lines: list[bytes]) -> None:
+        if not lines:
+            return
+        try:
+            sink = self._sinks.get(target)
+            if sink is None:
+                sink = self._sinks[target] = open_sink(target, self.config)
+            sink.write(lines)
+        except OSError as exc:
+            self.dropped += len(lines)
+            if not self._failing:
+                self._failing = True
+                log.warning("log %s: cannot write (%s); lines are dropped", target, exc)
+            return
+        if self._failing:
+            self._failing = False
+            log.warning("log %s: writing again (%d lines were dropped)", target, self.dropped)
+
+    def _close_sinks(self) -> None:
+        for sink in self._sinks.values():
+            with contextlib.suppress(OSError):
+                sink.close()
+        self._sinks.clear()
