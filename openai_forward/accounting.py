@@ -25,6 +25,7 @@ from .usage import JsonUsage, StreamUsage, Usage
 
 if TYPE_CHECKING:
     from .body import RequestFacts
+    from .cache import Entry
     from .config import Config
     from .http1 import Request
     from .keystore import ForwardKey
@@ -51,11 +52,14 @@ class Account:
 
     __slots__ = (
         "body",
+        "cache",
         "capture",
         "charge",
         "client_closed",
         "done",
         "facts",
+        "final",
+        "hit",
         "key_id",
         "log_body",
         "observer",
@@ -89,6 +93,9 @@ class Account:
         self.client_closed = False
         self.done = False
         self.sse = False  # the answer is an event stream
+        self.cache: str | None = None  # "hit" or "miss" when the request took part
+        self.hit: Entry | None = None  # the cache entry replayed instead of forwarding
+        self.final: tuple[Usage, str | None] | None = None  # usage and model, once known
         self.log_body: bytes | None = None  # the body, when its conversation is logged
         self.capture: Capture | None = None
 
@@ -277,15 +284,17 @@ class Meter:
             return
         acct.done = True
         usage, model = self._usage(acct, status)
+        acct.final = usage, model
+        hit = acct.hit is not None
         charge = acct.charge
         cost: float | None = None
         if charge is not None:
             price = charge.price
             if price is None and model is not None:
                 price = price_for(self.config.prices, model)
-            cost = usage_cost(price, usage) if price is not None else None
-            self._settle(charge, usage.total, cost or 0.0)
-        elif self.config.prices and model is not None:
+            cost = usage_cost(price, usage) if price is not None and not hit else None
+            self._settle(charge, 0 if hit else usage.total, cost or 0.0)
+        elif self.config.prices and model is not None and not hit:
             cost = usage_cost(price_for(self.config.prices, model), usage)
         now = time.perf_counter()  # the loop clock ticks in ms: too coarse here
         metrics = self.metrics
@@ -302,7 +311,7 @@ class Meter:
                 None if acct.ttfb is None else acct.ttfb - acct.started,
                 usage.prompt_tokens,
                 usage.completion_tokens,
-                None,
+                acct.cache,
             )
         if not self.recording and not self.logging:
             return
@@ -330,11 +339,12 @@ class Meter:
             duration_ms=(now - acct.started) * 1000,
             cost=cost,
             error_code=error_code,
+            cache_hit=int(hit),
         )
         if self.recording:
             self.writer.add(row)
         if self.logging:
-            self.events.add(Event(row, req.method, acct.capture))
+            self.events.add(Event(row, req.method, acct.capture, acct.cache))
 
     def refused(self, req: Request, status: int, error_code: str, request_id: str) -> None:
         """A request answered with an error before it had an account (bad head, unknown
@@ -378,6 +388,10 @@ class Meter:
         """The upstream's own figures when it gave them, else an estimate (marked so)."""
         facts = acct.facts
         model = facts.model if facts is not None else None  # parsed already: use it
+        if acct.hit is not None:  # the tokens the entry's answer took: what the hit saved
+            e = acct.hit
+            saved = Usage(e.prompt_tokens, e.completion_tokens, e.cached_tokens, e.reasoning_tokens)
+            return saved, e.model
         observer = acct.observer
         found: Usage | None = None
         if isinstance(observer, StreamUsage):

@@ -48,6 +48,7 @@ def banner(config: Config, host: str, port: int) -> dict[str, Any]:
             "conversations": config.conversation_log or None,
         },
         "metrics": _metrics(config),
+        "cache": _cache(config),
     }
 
 
@@ -63,3 +64,16 @@ def _metrics(config: Config) -> str | None:
     if config.metrics_listen:
         return f"http://{config.metrics_listen}{config.metrics_path}"
     return f"{config.metrics_path} (admin token)"
+
+
+def _cache(config: Config) -> dict[str, Any] | None:
+    if config.cache_mode == "off":
+        return None
+    from .caching import cache_location
+
+    return {
+        "mode": config.cache_mode,
+        "store": _mask_url(cache_location(config)),
+        "ttl": config.cache_ttl,
+        "shared": config.cache_shared,
+    }

@@ -66,10 +66,11 @@ def _parser() -> argparse.ArgumentParser:
     for action in (create, listing, revoke):  # also accepted after the action
         action.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         action.add_argument("--database", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    from . import logexport, report
+    from . import cachestore, logexport, report
 
     report.add_parser(sub)
     logexport.add_parser(sub)
+    cachestore.add_parser(sub)
     return parser
 
 
@@ -80,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     skip = (
         *("command", "config", "action", "name", "models", "routes", "expires", "json", "all"),
-        *("by", "since", "until", "logs_action", "file", "format", "model", "output"),
+        *("by", "since", "until", "logs_action", "file", "format", "model", "output", "cache"),
         *(flag for flag, _ in _POLICY_FLAGS),
     )
     overrides = {k: v for k, v in vars(args).items() if k not in (*skip, "key")}
@@ -101,6 +102,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import report
 
         return report.run(args, config)
+    if args.command == "cache":
+        from .cachestore import command
+        from .caching import cache_location
+
+        return command(
+            args.action,
+            args.cache or cache_location(config),
+            as_json=args.json,
+            max_bytes=config.cache_max_bytes,
+            prefix=config.cache_prefix,
+        )
     if args.command == "logs":
         from . import logexport
 

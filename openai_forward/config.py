@@ -154,6 +154,18 @@ class Config:
     metrics_path: str = "/metrics"
     metrics_listen: str = ""
     admin_token: str = field(default="", repr=False)
+    # response cache
+    cache_mode: str = "off"
+    cache_store: str = field(default="", repr=False)
+    cache_ttl: float = 86400.0
+    cache_max_bytes: int = 1024 * 1024 * 1024
+    cache_max_entry_bytes: int = 8 * 1024 * 1024
+    cache_routes: tuple[str, ...] = ()
+    cache_models: tuple[str, ...] = ()
+    cache_shared: bool = False
+    cache_replay_pace: float = 0.0
+    cache_prefix: str = "ofw:cache:"
+    cache_timeout: float = 0.25
     upstreams: tuple[UpstreamConfig, ...] = ()
     forward_keys: tuple[ForwardKeyConfig, ...] = ()
     limits: tuple[LimitRule, ...] = ()
@@ -184,6 +196,7 @@ class Config:
         out["state"] = _mask_url(self.state)
         if out["admin_token"]:
             out["admin_token"] = "***"
+        out["cache_store"] = _mask_url(self.cache_store)
         return out
 
 
@@ -244,7 +257,7 @@ def _convert(key: str, raw: Any, kind: Any) -> Any:
     return str(raw)
 
 
-_ZERO_OK = ("port", "max_fallbacks", "log_retention_days")
+_ZERO_OK = ("port", "max_fallbacks", "log_retention_days", "cache_replay_pace")
 ACCESS_LOG_FORMATS = ("auto", "json", "console")
 
 
@@ -274,6 +287,22 @@ def _validate(cfg: Config) -> None:
     parse_base_url(cfg.base_url)
     _validate_state(cfg.state)
     _validate_logs(cfg)
+    _validate_cache(cfg)
+
+
+def _validate_cache(cfg: Config) -> None:
+    if cfg.cache_mode not in ("off", "request", "on"):
+        raise ConfigError(f"cache_mode: {cfg.cache_mode!r} is not one of off, request, on")
+    if cfg.cache_replay_pace < 0:
+        raise ConfigError("cache_replay_pace: must be 0 (as fast as the client reads) or more")
+    if cfg.cache_store and urlsplit(cfg.cache_store).scheme in ("redis", "rediss", "unix"):
+        try:
+            import redis  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "cache_store: a Redis URL needs the redis package: "
+                "pip install 'openai-forward[redis]'"
+            ) from None
 
 
 def _validate_logs(cfg: Config) -> None:

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
+from .conversation import ReplyAssembler
+
 if TYPE_CHECKING:
     from .config import Config
     from .records import UsageRow
@@ -66,11 +68,13 @@ class Event:
     row: UsageRow
     method: bytes
     capture: Capture | None = None
+    cache: str | None = None  # "hit" or "miss" when the request took part in the cache
 
 
 def access_record(event: Event) -> dict[str, Any]:
     """The fields of an access log line, in a fixed order."""
     row = event.row
+    # flags are ints in the row: `== 1` makes JSON booleans without a call
     return {
         "time": _iso(row.ts),
         "request_id": row.request_id,
@@ -84,17 +88,17 @@ def access_record(event: Event) -> dict[str, Any]:
         "upstream": row.upstream,
         "upstream_key": row.upstream_key,
         "model": row.model,
-        "stream": bool(row.stream),
-        "ttfb_ms": None if row.ttfb_ms is None else round(row.ttfb_ms, 3),
-        "duration_ms": round(row.duration_ms, 3),
+        "stream": row.stream == 1,
+        "ttfb_ms": row.ttfb_ms,
+        "duration_ms": row.duration_ms,
         "prompt_tokens": row.prompt_tokens,
         "completion_tokens": row.completion_tokens,
         "cached_tokens": row.cached_tokens,
         "reasoning_tokens": row.reasoning_tokens,
-        "estimated": bool(row.estimated),
+        "estimated": row.estimated == 1,
         "cost": row.cost,
-        "cache": "hit" if row.cache_hit else None,
-        "client_closed": bool(row.client_closed),
+        "cache": event.cache,
+        "client_closed": row.client_closed == 1,
         "error_code": row.error_code,
     }
 
@@ -137,14 +141,20 @@ def _safe(text: str) -> str:
     return repr(text)[1:-1]
 
 
+_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+
+
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
+    """``ts`` as UTC ISO 8601 with milliseconds: 2026-11-25T06:37:58.663Z."""
+    whole = int(ts)
+    if _second[0] != whole:  # one datetime per second of log, not per line
+        stamp = datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        _second[0], _second[1] = whole, stamp
+    return f"{_second[1]}.{int((ts - whole) * 1000):03d}Z"
 
 
 def conversation_record(event: Event, cap: int) -> dict[str, Any] | None:
     """The conversation log's record of ``event``; None if its body is not a JSON object."""
-    from .conversation import ReplyAssembler
-
     capture = event.capture
     assert capture is not None
     try:
@@ -156,10 +166,12 @@ def conversation_record(event: Event, cap: int) -> dict[str, Any] | None:
     row = event.row
     reply = None
     if row.status < 300 and capture.pieces:
-        assembler = ReplyAssembler(row.path, capture.stream, capture.encoding, cap)
-        for piece in capture.pieces:
-            assembler.feed(piece)
-        reply = assembler.result()
+        reply = _plain_reply(row.path, capture) if not capture.stream else None
+        if reply is None:
+            assembler = ReplyAssembler(row.path, capture.stream, capture.encoding, cap)
+            for piece in capture.pieces:
+                assembler.feed(piece)
+            reply = assembler.result()
         if reply is not None and capture.truncated:
             reply["truncated"] = True
     usage = None
@@ -184,6 +196,28 @@ def conversation_record(event: Event, cap: int) -> dict[str, Any] | None:
         "reply": reply,
         "usage": usage,
     }
+
+
+def _plain_reply(path: str, capture: Capture) -> dict[str, Any] | None:
+    """The reply of a whole, uncompressed JSON answer, read straight from it (the common
+    case, cheaper than the assembler); None to let the assembler judge it."""
+    if capture.truncated or capture.encoding not in (b"", b"identity"):
+        return None
+    try:
+        obj = orjson.loads(b"".join(capture.pieces))
+    except orjson.JSONDecodeError:
+        return None
+    if type(obj) is not dict:
+        return None
+    get = obj.get
+    if path == "/v1/responses":
+        out = {"output": get("output"), "status": get("status")}
+    elif type(get("choices")) is list:
+        out = {"choices": obj["choices"]}
+    else:
+        return None
+    out.update(model=get("model"), usage=get("usage"), error=get("error"), truncated=False)
+    return out
 
 
 def open_sink(target: str, config: Config) -> Sink:

@@ -33,6 +33,8 @@ from .auth import (
     strip_query_keys,
 )
 from .body import BodyError, RequestFacts, read_facts, with_include_usage
+from .cache import DIRECTIVE_HEADER, Entry, Recorder, paced
+from .caching import ResponseCache, Ticket, chunk, replay_head
 from .config import Config, access_rules
 from .errors import GatewayError, new_request_id
 from .http1 import Request
@@ -62,7 +64,14 @@ HOP_BY_HOP = frozenset(
         b"proxy-authorization",
     }
 )
-REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"forwarded"}
+# the gateway's own request headers (the cache directive) are the gateway's alone
+REQUEST_DROP = HOP_BY_HOP | {
+    b"host",
+    b"content-length",
+    b"expect",
+    b"forwarded",
+    b"x-openai-forward-cache",
+}
 FORWARD_KEY_DROP = REQUEST_DROP | CREDENTIAL_HEADERS | {b"openai-organization", b"openai-project"}
 
 UPLOAD_PREFIXES = (
@@ -130,6 +139,7 @@ class Proxy:
         self.check_ip = self.rules.active
         self.resolve_ip = self.check_ip or bool(config.trusted_proxies)
         self.meter = Meter(config, loop, state, metrics)
+        self.cache = ResponseCache(config, loop)
         self._seeding: asyncio.Task[None] | None = None
         # /metrics on this port: only with an admin token (else it has its own address)
         self.metrics_path = config.metrics_path
@@ -231,6 +241,7 @@ class Proxy:
             self.flush_metrics()
         except Exception:
             log.exception("metrics: could not update")
+        await self.cache.aclose()
         await self.meter.aclose()
         self.close()
 
@@ -292,15 +303,20 @@ class Proxy:
         target: Target,
         take_key: Callable[[], bytes | None],
         path: str | None = None,
+        plain: bool = False,
     ) -> bytes:
         """The head sent upstream: filtered client headers, its Host, body framing, and a
-        key: the client's own, or one from ``take_key`` when the client brought none."""
+        key: the client's own, or one from ``take_key`` when the client brought none.
+        ``plain`` asks for an uncompressed answer (one to store in the cache)."""
         query = req.query.encode() if path is None else b""
         lines = [b"", target.host_line]
         credential: bytes | None = None
         extra: frozenset[bytes] | None = None
         # a forward key, and the account headers it could steer, stay here
         strip = FORWARD_KEY_DROP if req.identity is not None else REQUEST_DROP
+        if plain:
+            strip = strip | {b"accept-encoding"}
+            lines.append(b"accept-encoding: identity")
         for name, value in req.headers:
             lname = name.lower()
             if lname in strip:
@@ -393,7 +409,8 @@ class Proxy:
         # token endpoints take JSON: no need to look for an upload
         if req.method != b"POST" or req.path not in TOKEN_PATHS:
             return False
-        return self.meter.recording or self.meter.converses(req, route)
+        meter = self.meter
+        return meter.recording or self.cache.enabled or meter.converses(req, route)
 
     def _strict_body(self, req: Request, route: Route) -> bool:
         """Whether the request cannot go on without a valid JSON body to read."""
@@ -415,6 +432,8 @@ class Proxy:
                 # accounting only: a body that is not a stream is not even parsed (the answer
                 # names the model and the usage); a stream may need the usage option added
                 target = self.targets[route.default.name]
+                if self.cache.wants_body(req):
+                    body = self._take_part(relay, route, target, body, None)
                 if acct is not None:
                     acct.body = body
                     if b'"stream"' in body:
@@ -437,12 +456,53 @@ class Proxy:
                     param="model",
                 )
             target = self.targets[route.pick(model).name]
+            if self.cache.wants_body(req):
+                forward = self._take_part(relay, route, target, body, facts.obj)
+                if forward is not body:  # the caching member is gone
+                    body, facts = forward, read_facts(forward)
             if acct is not None and req.path in TOKEN_PATHS:
                 acct.body, acct.facts = body, facts
                 self._ask_for_usage(req, acct, target, body)
             self._admit(relay, target, facts if req.path in TOKEN_PATHS else None)
         except GatewayError as exc:
             relay.fail_before_response(exc)
+        except Exception:
+            relay.internal_error()
+
+    def _take_part(
+        self, relay: Relay, route: Route, target: Target, body: bytes, obj: dict[str, Any] | None
+    ) -> bytes:
+        """The request's part in the cache (``relay.ticket``); the body to forward."""
+        ticket, forward = self.cache.ticket(relay.req, route, target, body, obj)
+        relay.ticket = ticket
+        if ticket is not None and relay.acct is not None:
+            relay.acct.cache = "miss"  # until a lookup finds it
+        if forward is None:
+            return body
+        _replace_body(relay.req, forward)
+        return forward
+
+    def _forward(self, relay: Relay, target: Target) -> None:
+        """Admitted: answer from the cache, or send the request upstream."""
+        ticket = relay.ticket
+        if ticket is None or not ticket.read:
+            relay.begin(target)
+            return
+        relay.task = self.loop.create_task(self._lookup(relay, target, ticket))
+
+    async def _lookup(self, relay: Relay, target: Target, ticket: Ticket) -> None:
+        try:
+            entry = await self.cache.lookup(ticket)
+        except asyncio.CancelledError:
+            return
+        relay.task = None
+        if relay.client.transport is None:
+            return
+        try:
+            if entry is None:
+                relay.begin(target)
+            else:
+                relay.replay(target, entry)
         except Exception:
             relay.internal_error()
 
@@ -464,7 +524,7 @@ class Proxy:
         store = meter.store
         req = relay.req
         if store is None or not meter.admission.applies(req.identity):
-            relay.begin(target)
+            self._forward(relay, target)
             return
         seeding = self._seeding
         if seeding is not None and not seeding.done() and req.identity and req.identity.budget:
@@ -474,7 +534,7 @@ class Proxy:
         acct = relay.acct
         plan = meter.plan(req, facts, acct.body if acct is not None else None)
         if plan is None:
-            relay.begin(target)
+            self._forward(relay, target)
             return
         if store.is_async:
             relay.task = self.loop.create_task(self._admit_later(relay, target, plan))
@@ -530,7 +590,7 @@ class Proxy:
         if acct is not None:
             acct.rate_lines = rate_headers(decision.states) or None
         self.meter.hold(decision)
-        relay.begin(target)
+        self._forward(relay, target)
 
     async def list_models(self, relay: Relay, route: Route) -> None:
         """GET /v1/models on a shared route: the union of what its upstreams serve."""
@@ -582,6 +642,7 @@ class Relay:
         "status",
         "target",
         "task",
+        "ticket",
         "tried_keys",
     )
 
@@ -606,6 +667,7 @@ class Relay:
         self.discard: bytearray | None = None  # a failed answer read and dropped, to retry
         self.observe: bytearray | None = None  # a relayed 429's body, to learn why
         self.acct: Account | None = None
+        self.ticket: Ticket | None = None  # the request's part in the response cache
         self.status = 0
 
     def begin(self, target: Target) -> None:
@@ -615,7 +677,8 @@ class Relay:
         if self.origin is None:
             self.origin = target
         try:
-            self.head = self.proxy.request_head(self.req, target, self._take_key)
+            plain = self.ticket is not None and self.ticket.write
+            self.head = self.proxy.request_head(self.req, target, self._take_key, plain=plain)
         except GatewayError as exc:  # no key of this upstream is usable now
             if not self.fall_back(exc):
                 self.fail_before_response(exc)
@@ -664,6 +727,61 @@ class Relay:
             self.start(conn, reused=False)
         except Exception:
             self.internal_error()
+
+    def replay(self, target: Target, entry: Entry) -> None:
+        """Answer with a cache entry instead of the upstream: its body, or its stream's
+        events in order (paced when ``cache_replay_pace`` is set)."""
+        req = self.req
+        self.target = target
+        acct = self.acct
+        if acct is not None:
+            acct.upstream = target.name
+            acct.hit = entry
+            acct.cache = "hit"
+        req.on_body_done = req.on_overflow = None
+        req.detach()
+        req.responded = True
+        self.status = 200
+        self.keep_client = req.keep_alive and not (entry.stream and req.version == "1.0")
+        head = replay_head(req, entry, acct.rate_lines if acct is not None else None)
+        if req.method == b"HEAD":
+            self._replayed(head)
+            return
+        if entry.events is None:
+            self._replayed(head + entry.body)
+            return
+        self.chunked = req.version == "1.1"
+        pace = self.proxy.cache.pace
+        groups = (
+            paced(entry.events, pace) if pace > 0 else [(0.0, b"".join(d for _, d in entry.events))]
+        )
+        if len(groups) == 1:
+            self._replayed(head + chunk(groups[0][1], self.chunked))
+            return
+        self.client.write(head)
+        self.task = self.proxy.loop.create_task(self._replay_paced(groups))
+
+    async def _replay_paced(self, groups: list[tuple[float, bytes]]) -> None:
+        start = self.proxy.loop.time()
+        try:
+            for at, data in groups:
+                wait = start + at - self.proxy.loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                self.client.write(chunk(data, self.chunked))
+        except asyncio.CancelledError:
+            return
+        self.task = None
+        self._replayed(b"")
+
+    def _replayed(self, data: bytes) -> None:
+        if self.chunked:
+            data += b"0\r\n\r\n"
+        if data:
+            self.client.write(data)
+        self.account_end(200)
+        self.req.on_lost = None
+        self.client.finish(self.req, reusable=self.keep_client)
 
     def _can_fall_back(self) -> bool:
         origin = self.origin
@@ -800,6 +918,14 @@ class Relay:
                 lines.extend(acct.rate_lines)
         if self.sse:
             lines.append(b"x-accel-buffering: no")
+        ticket = self.ticket
+        if ticket is not None:
+            lines.append(DIRECTIVE_HEADER + b": miss")
+            ticket.recorder = None
+            if ticket.write and not self.fell_back:  # a fallback's answer is not the entry's
+                recorder = Recorder(self.proxy.cache.max_entry)
+                if recorder.head(status, headers):
+                    ticket.recorder = recorder
         bodyless = req.method == b"HEAD" or status in _NO_BODY_STATUS
         if not bodyless and not length:
             if req.version == "1.1":
@@ -834,6 +960,9 @@ class Relay:
                     data = shown
                     if not data:
                         return  # held until its line ends
+        ticket = self.ticket
+        if ticket is not None and ticket.recorder is not None:
+            ticket.recorder.feed(data, time.perf_counter())
         if self.chunked:
             self.out.append(b"%x\r\n%b\r\n" % (len(data), data))
         else:
@@ -872,7 +1001,13 @@ class Relay:
             tail = acct.observer.end() if acct.observer is not None else b""
             if tail:
                 self.out.append(b"%x\r\n%b\r\n" % (len(tail), tail) if self.chunked else tail)
+                if self.ticket is not None and self.ticket.recorder is not None:
+                    self.ticket.recorder.feed(tail, time.perf_counter())
             self.account_end(self.status)
+        ticket = self.ticket
+        if ticket is not None and ticket.recorder is not None:
+            usage, model = acct.final if acct is not None and acct.final else (None, None)
+            self.proxy.cache.save(ticket, usage, model)
         self._release_key()
         if self.chunked:
             self.out.append(b"0\r\n\r\n")

@@ -356,8 +356,8 @@ class RecordStore:
 
     def spent(self, key_ids: Sequence[str], since: float) -> dict[str, tuple[int, float]]:
         """For each id in ``key_ids``: (prompt + completion tokens, cost) of its rows with
-        ``ts >= since``, (0, 0.0) for a key without any. Every row counts, cache hits
-        included: the caller records the tokens it means to charge."""
+        ``ts >= since``, (0, 0.0) for a key without any. Cache hits do not count: their rows
+        hold the tokens a hit saved, which nobody spent."""
         out = {key_id: (0, 0.0) for key_id in key_ids}
         if not self._has_table or not out:
             return out
@@ -368,7 +368,8 @@ class RecordStore:
                 marks = ", ".join("?" * len(chunk))
                 query = (
                     "SELECT key_id, SUM(prompt_tokens + completion_tokens), TOTAL(cost)"
-                    f" FROM usage WHERE ts >= ? AND key_id IN ({marks}) GROUP BY key_id"
+                    " FROM usage WHERE ts >= ? AND cache_hit = 0"
+                    f" AND key_id IN ({marks}) GROUP BY key_id"
                 )
                 for key_id, tokens, cost in conn.execute(query, (since, *chunk)):
                     out[key_id] = (int(tokens), float(cost))

@@ -90,6 +90,11 @@ def serve(config: Config) -> int:
     elif config.metrics:
         log.info("metrics on %s (admin token required)", config.metrics_path)
     log.info("startup %s", json.dumps(banner(config, host, port), separators=(",", ":")))
+    problem = _check_cache(config)
+    if problem is not None:
+        log.error("cache_store: %s", problem)
+        Sockets(sock, msock).close()
+        return 2
     sockets = Sockets(sock, msock)
     for up in config.routes:
         target = up.upstream
@@ -118,6 +123,21 @@ def serve(config: Config) -> int:
     finally:
         if config.metrics:
             metrics.teardown()
+
+
+def _check_cache(config: Config) -> str | None:
+    """Why the response cache cannot be used, or None: found before any worker starts."""
+    if config.cache_mode == "off":
+        return None
+    from .cachestore import CacheError, open_cache
+    from .caching import cache_location
+
+    try:
+        store = open_cache(cache_location(config), max_bytes=config.cache_max_bytes)
+        asyncio.run(store.aclose())
+    except (CacheError, ValueError, OSError) as exc:
+        return str(exc)
+    return None
 
 
 def state_store(config: Config, shared: Any = None) -> Any:

@@ -256,6 +256,13 @@ def test_cost_is_none_without_prices(store: RecordStore) -> None:
     assert store.summary()[0]["cost"] is None
 
 
+def test_spent_leaves_out_cache_hits(store: RecordStore) -> None:
+    """A hit's row holds the tokens it saved; nobody spent them, so no budget counts them."""
+    store.insert_many([row(1), row(2, cache_hit=1, cost=None), row(3, cache_hit=1, cost=None)])
+    assert store.spent(["fkid_aaaaaaaaaaaa"], 0.0) == {"fkid_aaaaaaaaaaaa": (120, 0.5)}
+    assert store.summary()[0]["cache_hits"] == 2
+
+
 def test_unknown_grouping_is_refused(store: RecordStore) -> None:
     with pytest.raises(ValueError, match="cannot group usage by 'colour'"):
         store.summary("colour")
