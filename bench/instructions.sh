@@ -36,7 +36,7 @@ count() {
     wait $gw || true
     local total
     total=$(grep -h "summary:" "$work"/cg.* | awk '{print $2}')
-    rm -f "$work"/cg.* "$work"/gw.db*
+    rm -f "$work"/cg.* "$work"/gw.db* "$work"/cache.db*
     echo "$total"
 }
 a=$(count $N1 "$@")

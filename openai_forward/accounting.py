@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .admission import Admission, Charge, settle_deltas, usage_cost
-from .eventlog import Capture, Event, EventLog
+from .eventlog import Capture, Event, EventLog, log_target
 from .limitconfig import price_for
 from .records import RecordWriter, UsageRow
 from .usage import JsonUsage, StreamUsage, Usage
@@ -145,7 +145,7 @@ class Meter:
         # whether every request needs an Account (else only limited ones do)
         self.observing = self.recording or self.logging or metrics is not None
         self.capture_cap = config.conversation_max_bytes
-        self.conversing = bool(config.conversation_log)
+        self.conversing = log_target(config.conversation_log) is not None
         self.admission = Admission(config)
         self.store = store
         # request ids: a random prefix per worker and a counter (cheap, and sequential in
@@ -159,7 +159,7 @@ class Meter:
 
     def account(self, path: str, route: str) -> Account:
         """A new request's accounting state."""
-        request_id = f"{self._id_prefix}{next(self._ids):08x}"
+        request_id = f"req_gw_{self._id_prefix}{next(self._ids):08x}"
         if self.metrics is not None:
             self.metrics.request_started()
         return Account(request_id, path, route, time.perf_counter())
@@ -285,6 +285,9 @@ class Meter:
         acct.done = True
         usage, model = self._usage(acct, status)
         acct.final = usage, model
+        capture = acct.capture
+        if capture is not None and isinstance(acct.observer, JsonUsage):
+            capture.valid = acct.observer.whole_object  # parsed already: not again to log it
         hit = acct.hit is not None
         charge = acct.charge
         cost: float | None = None
@@ -333,7 +336,7 @@ class Meter:
             cached_tokens=usage.cached_tokens,
             reasoning_tokens=usage.reasoning_tokens,
             estimated=int(usage.estimated),
-            stream=int(isinstance(acct.observer, StreamUsage)),
+            stream=int(acct.sse),
             client_closed=int(acct.client_closed),
             ttfb_ms=None if acct.ttfb is None else (acct.ttfb - acct.started) * 1000,
             duration_ms=(now - acct.started) * 1000,

@@ -194,6 +194,11 @@ class RedisCache:
         async def _call(self, aw: Awaitable[_T]) -> _T:
             return await asyncio.wait_for(aw, self._timeout)
 
+    async def count_hits(self, n: int) -> None:
+        """Count ``n`` hits answered without this store (from a worker's memory)."""
+        if n > 0 and self._use_redis():
+            await self._run(self._client.hincrby(self._stats_key, "hits", n))
+
     async def _run(self, aw: Awaitable[Any]) -> None:
         try:
             await self._call(aw)

@@ -116,6 +116,14 @@ class SqliteCache:
         """Remove the entry under ``key``, if any."""
         await self._run(self._delete, None, key)
 
+    async def count_hits(self, n: int) -> None:
+        """Count ``n`` hits answered without this store (from a worker's memory)."""
+        if n > 0:
+            await self._run(self._count_hits, None, n)
+
+    def _count_hits(self, n: int) -> None:
+        self._book.hits += n
+
     async def clear(self) -> int:
         """Remove every entry; return how many there were."""
         return await self._admin(self._clear)

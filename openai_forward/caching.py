@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +76,9 @@ class ResponseCache:
                 prefix=config.cache_prefix,
             )
         self._saving: set[asyncio.Task[None]] = set()
+        self.memory = Memory(config.cache_memory_bytes, config.cache_memory_ttl)
+        self.memory_hits = 0
+        self._counting: asyncio.Task[None] | None = None
 
     def wants_body(self, req: Request) -> bool:
         """Whether the request's body must be read to know its part in the cache."""
@@ -128,13 +132,42 @@ class ResponseCache:
             return type(model) is str and any(fnmatch.fnmatchcase(model, g) for g in self.models)
         return True
 
+    def recall(self, ticket: Ticket) -> Entry | None:
+        """The entry of ``ticket`` if this worker holds it in memory (no I/O); the store
+        counts such hits with the next ``count`` (once a second)."""
+        entry = self.memory.get(ticket.key, time.monotonic())
+        if entry is not None:
+            self.memory_hits += 1
+        return entry
+
+    def start(self) -> None:
+        if self.store is not None and self.memory.max_bytes:
+            self._counting = self.loop.create_task(self._count_every_second())
+
+    async def _count_every_second(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            await self.count()
+
+    async def count(self) -> None:
+        """Hand the store the hits this worker answered from memory since the last call."""
+        hits, self.memory_hits = self.memory_hits, 0
+        if hits:
+            try:
+                await self.store.count_hits(hits)
+            except Exception as exc:
+                log.warning("cache: could not count %d hits: %s", hits, exc)
+
     async def lookup(self, ticket: Ticket) -> Entry | None:
-        """The entry of ``ticket``, or None (a miss, or a store that failed: logged)."""
+        """The entry of ``ticket`` from the store, or None (a miss, or a store that failed:
+        logged). A found entry is kept in memory for the next lookups."""
         try:
             entry: Entry | None = await self.store.get(ticket.key)
         except Exception as exc:
             log.warning("cache lookup failed: %s", exc)
             return None
+        if entry is not None:
+            self.memory.put(ticket.key, entry, time.monotonic())
         return entry
 
     def save(self, ticket: Ticket, usage: Any, model: str | None) -> None:
@@ -146,6 +179,7 @@ class ResponseCache:
         entry = recorder.entry(model, usage, int(time.time()))
         if entry is None:
             return
+        self.memory.put(ticket.key, entry, time.monotonic())
         task = self.loop.create_task(self._put(ticket.key, entry))
         self._saving.add(task)
         task.add_done_callback(self._saving.discard)
@@ -157,11 +191,55 @@ class ResponseCache:
             log.warning("cache store failed: %s", exc)
 
     async def aclose(self) -> None:
-        """Wait for the entries being stored, then close the store."""
+        """Wait for the entries being stored, count the last hits, close the store."""
+        if self._counting is not None:
+            self._counting.cancel()
         if self._saving:
             await asyncio.wait(self._saving, timeout=5.0)
         if self.store is not None:
+            await self.count()
+        if self.store is not None:
             await self.store.aclose()
+
+
+class Memory:
+    """Entries this worker stored or read lately, by key, so a hot entry is answered without
+    a store round trip. Bounded by ``max_bytes`` (least recently used go first; entries over
+    an eighth of it are not kept) and by ``ttl``: an entry is forgotten ``ttl`` seconds after
+    it was kept, so a ``cache clear``, a refresh in another worker or the store's own expiry
+    shows here within ``ttl``. ``max_bytes`` 0 keeps nothing."""
+
+    def __init__(self, max_bytes: int, ttl: float) -> None:
+        self.max_bytes = max_bytes
+        self.ttl = ttl
+        self.size = 0
+        self._entries: OrderedDict[bytes, tuple[float, Entry, int]] = OrderedDict()
+
+    def get(self, key: bytes, now: float) -> Entry | None:
+        found = self._entries.get(key)
+        if found is None:
+            return None
+        if found[0] <= now:
+            self._drop(key)
+            return None
+        self._entries.move_to_end(key)
+        return found[1]
+
+    def put(self, key: bytes, entry: Entry, now: float) -> None:
+        size = entry.size + 256
+        if size > self.max_bytes // 8:
+            self._drop(key)
+            return
+        self._drop(key)
+        self._entries[key] = (now + self.ttl, entry, size)
+        self.size += size
+        while self.size > self.max_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: bytes) -> None:
+        found = self._entries.pop(key, None)
+        if found is not None:
+            self.size -= found[2]
 
 
 def cache_location(config: Config) -> str:

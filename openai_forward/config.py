@@ -164,6 +164,8 @@ class Config:
     cache_models: tuple[str, ...] = ()
     cache_shared: bool = False
     cache_replay_pace: float = 0.0
+    cache_memory_bytes: int = 64 * 1024 * 1024
+    cache_memory_ttl: float = 5.0
     cache_prefix: str = "ofw:cache:"
     cache_timeout: float = 0.25
     upstreams: tuple[UpstreamConfig, ...] = ()
@@ -254,10 +256,19 @@ def _convert(key: str, raw: Any, kind: Any) -> Any:
         if not isinstance(raw, list) or not all(isinstance(x, str) and x for x in raw):
             raise ConfigError(f"{key}: {raw!r} is not a list of strings (or comma-separated text)")
         return tuple(raw)
+    if isinstance(raw, bool):  # YAML 1.1 reads a bare on/off as a boolean
+        return "on" if raw else "off"
     return str(raw)
 
 
-_ZERO_OK = ("port", "max_fallbacks", "log_retention_days", "cache_replay_pace")
+_ZERO_OK = (
+    "port",
+    "max_fallbacks",
+    "log_retention_days",
+    "log_backups",
+    "cache_replay_pace",
+    "cache_memory_bytes",
+)
 ACCESS_LOG_FORMATS = ("auto", "json", "console")
 
 

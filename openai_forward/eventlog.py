@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("openai_forward")
 
+MAX_PENDING = 100_000  # events waiting for the writer thread, at most
+
 
 class Sink(Protocol):
     def write(self, lines: list[bytes]) -> None: ...
@@ -50,6 +52,7 @@ class Capture:
     pieces: list[bytes]  # the answer's bytes, up to ``cap``
     size: int = 0
     truncated: bool = False
+    valid: bool = False  # the whole answer was read as a JSON object (decoded, if encoded)
 
     def keep(self, data: bytes, cap: int) -> None:
         if self.truncated:
@@ -163,6 +166,8 @@ def conversation_record(event: Event, cap: int) -> dict[str, Any] | None:
         return None
     if not isinstance(request, dict):
         return None
+    # valid JSON goes into the record as it is, not serialised again
+    body = orjson.Fragment(_one_line(capture.body))
     row = event.row
     reply = None
     if row.status < 300 and capture.pieces:
@@ -172,8 +177,8 @@ def conversation_record(event: Event, cap: int) -> dict[str, Any] | None:
             for piece in capture.pieces:
                 assembler.feed(piece)
             reply = assembler.result()
-        if reply is not None and capture.truncated:
-            reply["truncated"] = True
+        if capture.truncated:
+            reply = {**(reply if isinstance(reply, dict) else {}), "truncated": True}
     usage = None
     if row.prompt_tokens or row.completion_tokens:
         usage = {
@@ -192,17 +197,20 @@ def conversation_record(event: Event, cap: int) -> dict[str, Any] | None:
         "model": row.model,
         "status": row.status,
         "error": row.error_code,
-        "request": request,
+        "request": body,
         "reply": reply,
         "usage": usage,
     }
 
 
-def _plain_reply(path: str, capture: Capture) -> dict[str, Any] | None:
+def _plain_reply(path: str, capture: Capture) -> Any:
     """The reply of a whole, uncompressed JSON answer, read straight from it (the common
-    case, cheaper than the assembler); None to let the assembler judge it."""
+    case, cheaper than the assembler); None to let the assembler judge it. An answer the
+    usage observer already read as a JSON object goes in as it came, unparsed."""
     if capture.truncated or capture.encoding not in (b"", b"identity"):
         return None
+    if capture.valid:
+        return orjson.Fragment(_one_line(b"".join(capture.pieces)))
     try:
         obj = orjson.loads(b"".join(capture.pieces))
     except orjson.JSONDecodeError:
@@ -220,6 +228,14 @@ def _plain_reply(path: str, capture: Capture) -> dict[str, Any] | None:
     return out
 
 
+def _one_line(data: bytes) -> bytes:
+    """Valid JSON on one line: a raw line break can only be whitespace between tokens (in a
+    string it is escaped), so it becomes a space."""
+    if b"\n" in data or b"\r" in data:
+        return data.replace(b"\n", b" ").replace(b"\r", b" ")
+    return data
+
+
 def open_sink(target: str, config: Config) -> Sink:
     """``stdout``, or a rotating file at ``target``."""
     from .logfile import LineFile, StdoutLines
@@ -230,9 +246,14 @@ def open_sink(target: str, config: Config) -> Sink:
     return LineFile(target, config.log_max_bytes, config.log_backups, retention)
 
 
-def access_target(config: Config) -> str | None:
-    target = config.access_log.strip()
+def log_target(value: str) -> str | None:
+    """Where a log goes (``stdout`` or a path), or None: empty, ``off``, ``false``, ``none``."""
+    target = value.strip()
     return None if target.lower() in ("", "off", "false", "none") else target
+
+
+def access_target(config: Config) -> str | None:
+    return log_target(config.access_log)
 
 
 class EventLog:
@@ -246,7 +267,7 @@ class EventLog:
         if fmt == "auto":
             fmt = "console" if self.access == "stdout" and sys.stdout.isatty() else "json"
         self._line = console_line if fmt == "console" else json_line
-        self.conversations = config.conversation_log or None
+        self.conversations = log_target(config.conversation_log)
         self._sinks: dict[str, Sink] = {}
         self._pending: list[Event] = []
         self._wake = asyncio.Event()
@@ -262,8 +283,13 @@ class EventLog:
         return bool(self.access or self.conversations)
 
     def add(self, event: Event) -> None:
-        """Queue ``event`` for the next flush. O(1); never blocks, never raises."""
-        self._pending.append(event)
+        """Queue ``event`` for the next flush. O(1); never blocks, never raises. While the
+        writer falls behind, at most MAX_PENDING wait; beyond, the oldest are dropped."""
+        pending = self._pending
+        pending.append(event)
+        if len(pending) > MAX_PENDING:
+            del pending[: len(pending) - MAX_PENDING]
+            self.dropped += 1
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._task is None and self.active:

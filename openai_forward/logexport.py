@@ -321,6 +321,7 @@ def run(args: argparse.Namespace, conversation_log: str) -> int:
             export(paths, sys.stdout, args.format, since, until, args.key, args.model, stats=stats)
         else:
             fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)  # an existing file too: it holds conversations
             with open(fd, "w", encoding="utf-8") as out:
                 export(paths, out, args.format, since, until, args.key, args.model, stats=stats)
     except OSError as exc:

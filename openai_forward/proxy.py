@@ -152,6 +152,7 @@ class Proxy:
         usage records."""
         self.forward.start(self.loop)
         self.meter.start()
+        self.cache.start()
         if self.meter.store is not None:
             self._seeding = self.loop.create_task(self._seed_budgets())
         if self.meter.metrics is not None:
@@ -488,6 +489,10 @@ class Proxy:
         if ticket is None or not ticket.read:
             relay.begin(target)
             return
+        entry = self.cache.recall(ticket)
+        if entry is not None:  # held in this worker's memory: no store round trip
+            relay.replay(target, entry)
+            return
         relay.task = self.loop.create_task(self._lookup(relay, target, ticket))
 
     async def _lookup(self, relay: Relay, target: Target, ticket: Ticket) -> None:
@@ -738,6 +743,7 @@ class Relay:
             acct.upstream = target.name
             acct.hit = entry
             acct.cache = "hit"
+            acct.sse = entry.stream
         req.on_body_done = req.on_overflow = None
         req.detach()
         req.responded = True
@@ -1117,7 +1123,9 @@ class Relay:
         req.responded = True
         close = not req.body_complete or not req.keep_alive
         head_only = req.method == b"HEAD"
-        self.client.write(error.response(new_request_id(), close=close, head_only=head_only))
+        # the id the access log and the usage row carry, so a client's report can be found
+        request_id = self.acct.request_id if self.acct is not None else new_request_id()
+        self.client.write(error.response(request_id, close=close, head_only=head_only))
         self.client.finish(req, reusable=not close)
 
 

@@ -116,6 +116,7 @@ class JsonUsage:
         "_tail",
         "_tail_len",
         "_total",
+        "whole_object",
     )
 
     def __init__(self, encoding: bytes = b"") -> None:
@@ -130,6 +131,7 @@ class JsonUsage:
         self._tail: deque[bytes] = deque()
         self._tail_len = 0
         self._total = 0
+        self.whole_object = False  # result() parsed the whole (decoded) body: a JSON object
 
     def feed(self, data: bytes) -> None:
         """Take the next piece of the body as received (still encoded)."""
@@ -189,7 +191,8 @@ class JsonUsage:
         if self._total <= WHOLE:
             whole = _read_whole(tail)
             if whole is not None:
-                return whole
+                self.whole_object = whole[2]
+                return whole[0], whole[1]
         tail = tail[-TAIL:]
         return _find_usage(tail), _find_model(b"".join(self._head)) or _find_last_model(tail)
 
@@ -206,15 +209,16 @@ def _deflate_wbits(first: int) -> int:
     return -zlib.MAX_WBITS
 
 
-def _read_whole(body: bytes) -> tuple[Usage | None, str | None] | None:
+def _read_whole(body: bytes) -> tuple[Usage | None, str | None, bool] | None:
+    """(usage, model, whether the body is a JSON object), or None if it is not JSON."""
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
     if not isinstance(obj, dict):
-        return None, None
+        return None, None, False
     model = obj.get("model")
-    return usage_from_obj(obj.get("usage")), model if isinstance(model, str) else None
+    return usage_from_obj(obj.get("usage")), model if isinstance(model, str) else None, True
 
 
 def _find_usage(tail: bytes) -> Usage | None:

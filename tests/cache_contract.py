@@ -209,6 +209,18 @@ async def two_gateways_add_up_their_counts(b: Backend) -> None:
     assert (stats["hits"], stats["misses"]) == (2, 1)
 
 
+async def hits_from_a_workers_memory_are_counted(b: Backend) -> None:
+    one, two = b.open(), b.open()
+    await one.get(key(1), now=T0)
+    await one.count_hits(3)
+    await two.count_hits(2)
+    await two.count_hits(0)
+    await one.aclose()
+    await two.aclose()
+    stats = await b.open().stats()
+    assert (stats["hits"], stats["misses"]) == (5, 1)
+
+
 async def many_keys_stay_apart(b: Backend) -> None:
     store = b.open()
     for n in range(40):
@@ -240,6 +252,7 @@ SCENARIOS: list[Scenario] = [
     counts_survive_clear,
     two_gateways_share_entries,
     two_gateways_add_up_their_counts,
+    hits_from_a_workers_memory_are_counted,
     many_keys_stay_apart,
     a_large_entry_round_trips,
 ]

@@ -183,7 +183,9 @@ def test_hits_do_not_hold_up_other_requests(gateway_factory, upstream, tmp_path)
         CHAT,
         Reply(headers=[("content-type", "application/json")], body=json.dumps(completion).encode()),
     )
-    gw = gateway_factory(upstream.url, args=write_config(tmp_path, upstream.url))
+    # no memory tier: every hit reads the SQLite file, on the store's thread
+    cfg = {"cache_memory_bytes": 0}
+    gw = gateway_factory(upstream.url, args=write_config(tmp_path, upstream.url, **cfg))
     assert ask(sdk(gw))[0] == "miss"
 
     async def run() -> tuple[list[httpx.Response], float]:
@@ -227,3 +229,17 @@ def test_the_cli_shows_and_clears_the_cache(gateway_factory, upstream, tmp_path)
     cleared = run_cli("cache", "clear", "--cache", cache)
     assert cleared.returncode == 0, cleared.stderr
     assert json.loads(run_cli("cache", "stats", "--cache", cache, "--json").stdout)["entries"] == 0
+
+
+def test_a_clear_reaches_running_workers_within_the_memory_ttl(gateway_factory, upstream, tmp_path):
+    cfg = {"cache_memory_ttl": 0.2}
+    gw = gateway_factory(upstream.url, args=write_config(tmp_path, upstream.url, **cfg))
+    assert ask(sdk(gw))[0] == "miss"
+    assert ask(sdk(gw))[0] == "hit"  # from the worker's memory
+    cleared = run_cli("cache", "clear", "--cache", str(Path(gw.data_dir) / "cache.db"))
+    assert cleared.returncode == 0, cleared.stderr
+    deadline = time.monotonic() + 10
+    while ask(sdk(gw))[0] == "hit":  # each hit renews nothing: the memory copy ages out
+        assert time.monotonic() < deadline, "the cleared entry is still served"
+        time.sleep(0.05)
+    assert len(chat_requests(upstream)) == 2

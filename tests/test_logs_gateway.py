@@ -87,7 +87,7 @@ def test_access_log_has_a_line_for_every_way_a_request_ends(gateway_factory, ups
     upstream.reset()
     # 5. and 6.: the fourth request of the minute passes, the fifth is refused
     client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
-    with pytest.raises(openai.RateLimitError):
+    with pytest.raises(openai.RateLimitError) as limited_error:
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
 
     lines = wait_lines(log_path, 6)
@@ -111,11 +111,23 @@ def test_access_log_has_a_line_for_every_way_a_request_ends(gateway_factory, ups
     assert left["client_closed"] is True and left["error_code"] == "client_closed"
     limited = by_status[429][0]
     assert limited["error_code"] == "rate_limit_exceeded" and limited["key_name"] == "alice"
+    # a client's report of an error names the line: the same id in x-request-id
+    assert limited_error.value.response.headers["x-request-id"] == limited["request_id"]
+    assert r.headers["x-request-id"] == refused["request_id"]
     assert len({x["request_id"] for x in lines}) == 6
     text = log_path.read_text()
     assert_no_secret(text, gw.output(), secret=FK_ALICE)
     assert_no_secret(text, gw.output(), secret=UPSTREAM_KEY)
     assert "fk-nobody" not in text
+
+
+def test_streams_are_marked_even_when_no_body_is_read(gateway_factory, upstream, tmp_path):
+    log_path = tmp_path / "access.log"
+    cfg = {"access_log": str(log_path), "usage": False}
+    gw = gateway_factory(upstream.url, args=write_config(tmp_path, upstream.url, **cfg))
+    list(sdk(gw).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
+    (line,) = wait_lines(log_path, 1)
+    assert line["stream"] is True and line["status"] == 200
 
 
 def test_console_format_for_a_terminal(gateway_factory, upstream, tmp_path):
