@@ -54,6 +54,7 @@ class Account:
         "body",
         "cache",
         "capture",
+        "capture_cap",
         "charge",
         "client_closed",
         "done",
@@ -97,6 +98,7 @@ class Account:
         self.hit: Entry | None = None  # the cache entry replayed instead of forwarding
         self.final: tuple[Usage, str | None] | None = None  # usage and model, once known
         self.log_body: bytes | None = None  # the body, when its conversation is logged
+        self.capture_cap = 0  # answer bytes kept for the conversation log
         self.capture: Capture | None = None
 
     def request_facts(self) -> RequestFacts | None:
@@ -115,7 +117,7 @@ class Account:
         """The upstream answered: pick the observer that will find its usage."""
         self.sse = sse
         if self.log_body is not None:
-            self.capture = Capture(self.log_body, sse, encoding, [])
+            self.capture = Capture(self.log_body, sse, encoding, self.capture_cap)
         self.observer = None
         if status >= 300 or (self.body is None and self.facts is None):
             return
@@ -146,6 +148,7 @@ class Meter:
         self.observing = self.recording or self.logging or metrics is not None
         self.capture_cap = config.conversation_max_bytes
         self.conversing = log_target(config.conversation_log) is not None
+        self._chosen = bool(config.conversation_keys or config.conversation_routes)
         self.admission = Admission(config)
         self.store = store
         # request ids: a random prefix per worker and a counter (cheap, and sequential in
@@ -168,6 +171,8 @@ class Meter:
         """Whether the conversation log keeps this request (its route and key opted in)."""
         if not self.conversing or req.path not in CONVERSATION_PATHS:
             return False
+        if not self._chosen:
+            return True
         config = self.config
         if config.conversation_keys:
             identity = req.identity

@@ -121,7 +121,7 @@ def storable_head(status: int, headers: list[tuple[bytes, bytes]]) -> bool:
         lname = name.lower()
         if lname == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
             return False
-        if lname == b"cache-control" and b"no-store" in value.lower():
+        if lname == b"cache-control" and value.lower().find(b"no-store") >= 0:
             return False
     return True
 
@@ -354,7 +354,7 @@ def ended_well(event: bytes) -> bool:
     text = b"\n".join(data).strip()
     if text == b"[DONE]" or kind == b"response.completed":
         return True
-    if b"response.completed" not in text:
+    if text.find(b"response.completed") < 0:
         return False
     try:
         obj = orjson.loads(text)

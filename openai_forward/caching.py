@@ -98,7 +98,7 @@ class ResponseCache:
         Raises GatewayError 400 for a ``caching`` value or header the gateway cannot read."""
         header = _header(req)
         if obj is None:
-            if self.mode == "request" and header is None and b'"caching"' not in body:
+            if self.mode == "request" and header is None and body.find(b'"caching"') < 0:
                 return None, None  # nobody asked: not even parsed
             try:
                 parsed = orjson.loads(body)

@@ -424,7 +424,7 @@ class ReplyAssembler:
             data.startswith(b"data:")
             and data.endswith(b"\n\n")
             and data.find(b"\n") == len(data) - 2
-            and b"\r" not in data
+            and data.find(b"\r") < 0
         ):
             self._line(data[:-2])
             return

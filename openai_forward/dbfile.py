@@ -7,6 +7,19 @@ import sqlite3
 from collections.abc import Callable
 
 
+def bind_plainly() -> None:
+    """Make sqlite3 bind None and bytes without its adaptation protocol.
+
+    CPython's sqlite3 adapts every parameter that is not exactly int, float, str or
+    bytearray: it looks ``__adapt__`` up on its protocol type, and the failed lookup formats
+    an AttributeError each time (about 1,800 instructions, 5 times per usage row for its
+    NULLs, twice per cache lookup for its key). An adapter registered for the type is found
+    first. These return their argument unchanged, from C: ``{}.get(None)`` is None, and
+    ``bytes(b)`` is ``b`` itself."""
+    sqlite3.register_adapter(type(None), {}.get)  # type: ignore[arg-type]  # C, returns None
+    sqlite3.register_adapter(bytes, bytes)
+
+
 def create_private(path: str) -> None:
     """Create ``path`` empty with mode 0600 if it does not exist (and its parent dirs):
     SQLite then gives its -wal and -shm files the same mode."""
@@ -26,6 +39,7 @@ def set_up_or_close(
 ) -> None:
     """Run ``set_up`` on a new connection; on failure close it, and turn a file that is not
     a database into ``error`` with a message fit for a user."""
+    bind_plainly()
     try:
         set_up(conn)
     except sqlite3.DatabaseError as exc:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("openai_forward")
 
 MAX_PENDING = 100_000  # events waiting for the writer thread, at most
+BATCH = 256  # events that wake the writer thread before its interval is up
 
 
 class Sink(Protocol):
@@ -42,26 +43,30 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-@dataclass(slots=True)
 class Capture:
-    """A logged conversation's raw material, kept on the loop without parsing it."""
+    """A logged conversation's raw material, kept on the loop without parsing it: the
+    request body as the client sent it, and the answer's bytes as relayed, up to ``cap``."""
 
-    body: bytes  # the request body as the client sent it
-    stream: bool  # the answer is text/event-stream
-    encoding: bytes  # its content-encoding
-    pieces: list[bytes]  # the answer's bytes, up to ``cap``
-    size: int = 0
-    truncated: bool = False
-    valid: bool = False  # the whole answer was read as a JSON object (decoded, if encoded)
+    __slots__ = ("body", "cap", "encoding", "pieces", "size", "stream", "truncated", "valid")
 
-    def keep(self, data: bytes, cap: int) -> None:
-        if self.truncated:
-            return
-        if self.size + len(data) > cap:
+    def __init__(self, body: bytes, stream: bool, encoding: bytes, cap: int) -> None:
+        self.body = body
+        self.stream = stream  # the answer is text/event-stream
+        self.encoding = encoding  # its content-encoding
+        self.cap = cap
+        self.pieces: list[bytes] = []
+        self.size = 0
+        self.truncated = False
+        self.valid = False  # the whole answer was read as a JSON object (decoded, if encoded)
+
+    def keep(self, data: bytes) -> None:
+        size = self.size + len(data)
+        if size > self.cap:
             self.truncated = True
+            self.cap = -1  # nothing more fits
             return
         self.pieces.append(data)
-        self.size += len(data)
+        self.size = size
 
 
 @dataclass(slots=True)
@@ -231,7 +236,7 @@ def _plain_reply(path: str, capture: Capture) -> Any:
 def _one_line(data: bytes) -> bytes:
     """Valid JSON on one line: a raw line break can only be whitespace between tokens (in a
     string it is escaped), so it becomes a space."""
-    if b"\n" in data or b"\r" in data:
+    if data.find(b"\n") >= 0 or data.find(b"\r") >= 0:
         return data.replace(b"\n", b" ").replace(b"\r", b" ")
     return data
 
@@ -287,7 +292,9 @@ class EventLog:
         writer falls behind, at most MAX_PENDING wait; beyond, the oldest are dropped."""
         pending = self._pending
         pending.append(event)
-        if len(pending) > MAX_PENDING:
+        if len(pending) == BATCH:  # a busy worker writes small batches, still warm in cache
+            self._wake.set()
+        elif len(pending) > MAX_PENDING:
             del pending[: len(pending) - MAX_PENDING]
             self.dropped += 1
 
@@ -301,6 +308,7 @@ class EventLog:
                 await asyncio.wait_for(self._wake.wait(), self.interval)
             if self._closing:
                 return
+            self._wake.clear()
             await self.flush()
 
     async def flush(self) -> None:
@@ -328,12 +336,16 @@ class EventLog:
 
     def _write(self, events: list[Event]) -> None:
         if self.access:
-            lines = [self._line(e) for e in events]
-            self._emit(self.access, lines)
+            line = self._line
+            self._emit(self.access, [line(e) for e in events])
         if self.conversations:
             cap = self.config.conversation_max_bytes
-            records = [conversation_record(e, cap) for e in events if e.capture is not None]
-            lines = [orjson.dumps(r) + b"\n" for r in records if r is not None]
+            lines = []
+            for event in events:
+                if event.capture is not None:
+                    record = conversation_record(event, cap)
+                    if record is not None:
+                        lines.append(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
             self._emit(self.conversations, lines)
 
     def _emit(self, target: str, lines: list[bytes]) -> None:

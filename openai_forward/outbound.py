@@ -277,7 +277,7 @@ def _host_bytes(host: str) -> bytes:
 
 async def _http_connect(shake: _Handshake, proxy: ProxyURL, host: str, port: int) -> None:
     name = _host_bytes(host)
-    target = b"[%b]:%d" % (name, port) if b":" in name else b"%b:%d" % (name, port)
+    target = b"[%b]:%d" % (name, port) if name.find(b":") >= 0 else b"%b:%d" % (name, port)
     request = b"CONNECT %b HTTP/1.1\r\nHost: %b\r\n" % (target, target)
     if (auth := proxy.basic_auth) is not None:
         request += b"Proxy-Authorization: " + auth + b"\r\n"

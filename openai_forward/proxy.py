@@ -324,7 +324,7 @@ class Proxy:
                 if lname == b"connection":
                     extra = _connection_tokens(req.headers) or None
                 continue
-            if b"_" in lname or lname.startswith(b"x-forwarded-"):
+            if lname.find(b"_") >= 0 or lname.startswith(b"x-forwarded-"):
                 continue
             if lname == b"authorization":
                 credential = value
@@ -429,6 +429,7 @@ class Proxy:
             acct = relay.acct
             if acct is not None and self.meter.converses(req, route):
                 acct.log_body = body
+                acct.capture_cap = self.meter.capture_cap
             if not self._strict_body(req, route):
                 # accounting only: a body that is not a stream is not even parsed (the answer
                 # names the model and the usage); a stream may need the usage option added
@@ -437,7 +438,7 @@ class Proxy:
                     body = self._take_part(relay, route, target, body, None)
                 if acct is not None:
                     acct.body = body
-                    if b'"stream"' in body:
+                    if body.find(b'"stream"') >= 0:
                         self._ask_for_usage(req, acct, target, body)
                 self._admit(relay, target, None)
                 return
@@ -959,7 +960,7 @@ class Relay:
             if acct.ttfb is None:
                 acct.ttfb = time.perf_counter()
             if acct.capture is not None:
-                acct.capture.keep(data, self.proxy.meter.capture_cap)
+                acct.capture.keep(data)
             if acct.observer is not None:
                 shown = acct.observer.feed(data)
                 if shown is not None:

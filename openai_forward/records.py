@@ -439,7 +439,7 @@ class RecordWriter:
     loop's thread.
     """
 
-    def __init__(self, path: str, *, interval: float = 1.0, max_batch: int = 5000) -> None:
+    def __init__(self, path: str, *, interval: float = 1.0, max_batch: int = 512) -> None:
         self.path = path
         self.interval = interval
         self.max_batch = max(1, max_batch)
@@ -466,7 +466,9 @@ class RecordWriter:
         """Queue ``row`` for the next flush. O(1); never blocks, never raises."""
         pending = self._pending
         pending.append(row)
-        if len(pending) == self.max_batch:  # flush early, once per batch
+        # flush early, once per batch: a busy worker writes small batches, still warm in
+        # the CPU's cache, and holds fewer rows in memory
+        if len(pending) == self.max_batch:
             self._wake.set()
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:

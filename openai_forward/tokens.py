@@ -217,8 +217,8 @@ def reserve_prompt(body: bytes | None, obj: dict[str, Any]) -> int:
     if (
         body is not None
         and body.isascii()
-        and b";base64," not in body
-        and b'"input_audio"' not in body
+        and body.find(b";base64,") < 0
+        and body.find(b'"input_audio"') < 0
     ):
         return len(body) // 4
     return estimate_prompt(obj, None)

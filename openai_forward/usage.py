@@ -357,7 +357,7 @@ class StreamUsage:
             or self.model is None
             or data[-1] not in _EOL_BYTES
             or size > self._line_cap
-            or (b'"usage"' in data and _USAGE_OBJECT.search(data))
+            or (data.find(b'"usage"') >= 0 and _USAGE_OBJECT.search(data))
         ):
             self._scan_piece(data)
         return data
@@ -426,7 +426,7 @@ class StreamUsage:
         if not line.startswith(b"data:"):
             return None
         has_usage = _USAGE_OBJECT.search(line) is not None
-        if not has_usage and (self.model is not None or b'"model"' not in line):
+        if not has_usage and (self.model is not None or line.find(b'"model"') < 0):
             return None
         try:
             obj = orjson.loads(line[5:])
@@ -489,7 +489,7 @@ class StreamUsage:
             and data.find(b"\n") == len(data) - 2
             and data.endswith(b"\n\n")
             and data.startswith(b"data:")
-            and b"\r" not in data
+            and data.find(b"\r") < 0
             and len(data) <= self._line_cap
             and _USAGE_OBJECT.search(data) is None
         )

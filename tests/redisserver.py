@@ -11,20 +11,23 @@ PATH the tests are skipped, except under ``CI=true`` where they fail: CI must ru
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import redis
 from conftest import free_port
 
 START_TIMEOUT = 10.0
+T = TypeVar("T")
 
 
 def redis_server_binary() -> str:
@@ -128,3 +131,22 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.close()
+
+
+def warnings_in(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The WARNING messages captured so far."""
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+async def timed(aw: Awaitable[T]) -> tuple[T, float]:
+    """``aw``'s result and how long it took, in seconds."""
+    t = time.monotonic()
+    result = await aw
+    return result, time.monotonic() - t
+
+
+@pytest.fixture
+def redis_db(redis_server: RedisServer) -> RedisServer:
+    """The module's redis-server, flushed: no state from earlier tests."""
+    redis_server.flush()
+    return redis_server

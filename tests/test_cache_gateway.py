@@ -209,7 +209,7 @@ def test_hits_do_not_hold_up_other_requests(gateway_factory, upstream, tmp_path)
 
 
 @pytest.mark.usefixtures("redis_server")
-def test_two_gateways_share_a_redis_cache(gateway_factory, upstream, tmp_path, redis_server):  # noqa: F811
+def test_two_gateways_share_a_redis_cache(gateway_factory, upstream, tmp_path, redis_server):
     cfg = {"cache_store": redis_server.url}
     one = gateway_factory(upstream.url, args=write_config(tmp_path, upstream.url, **cfg))
     two = gateway_factory(upstream.url, args=write_config(tmp_path, upstream.url, **cfg))

@@ -22,7 +22,7 @@ import pytest
 from cache_contract import SCENARIOS, T0, Scenario, body_entry, key
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from redisserver import RedisServer, redis_server  # noqa: F401
+from redisserver import RedisServer, redis_db, redis_server, timed, warnings_in  # noqa: F401
 
 from openai_forward.cache import Entry
 from openai_forward.cacheredis import RedisCache
@@ -73,22 +73,6 @@ def run(scenario: Callable[[Any], Awaitable[T]], backend: SqliteBackend | RedisB
             backend.opened.clear()
 
     return asyncio.run(main())
-
-
-def warnings_in(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-
-
-async def timed(aw: Awaitable[T]) -> tuple[T, float]:
-    t = time.monotonic()
-    result = await aw
-    return result, time.monotonic() - t
-
-
-@pytest.fixture
-def redis_db(redis_server: RedisServer) -> RedisServer:  # noqa: F811 (the imported fixture)
-    redis_server.flush()
-    return redis_server
 
 
 def sql(path: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
@@ -199,6 +183,13 @@ def test_sqlite_lookups_of_a_large_entry_never_stall_the_loop(tmp_path: Path) ->
                 await asyncio.sleep(0.001)
                 late = max(late, loop.time() - t - 0.001)
 
+        # a lookup runs elsewhere: the loop has a turn before it is done (a read on the loop
+        # would finish inside the task's first step)
+        first = asyncio.create_task(store.get(key(1)))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert not first.done()
+        assert await first == big
         task = asyncio.create_task(ticker())
         got = await asyncio.gather(*(store.get(key(1)) for _ in range(100)))
         done.set()
@@ -206,7 +197,8 @@ def test_sqlite_lookups_of_a_large_entry_never_stall_the_loop(tmp_path: Path) ->
         assert all(e == big for e in got)
         return late
 
-    assert run(body, SqliteBackend(tmp_path / "cache.db", max_bytes=8 << 20)) < 0.05
+    # generous: on a busy 2-core machine the scheduler alone makes a timer some 50 ms late
+    assert run(body, SqliteBackend(tmp_path / "cache.db", max_bytes=8 << 20)) < 0.25
 
 
 def test_sqlite_lookups_do_not_wait_for_another_writer_and_puts_give_up(

@@ -95,7 +95,7 @@ def test_rpm_holds_exactly_across_two_gateways_sharing_redis(
     gateway_factory,
     upstream,
     tmp_path,
-    redis_server,  # noqa: F811
+    redis_server,
 ):
     redis_server.flush()
     # a generous timeout: this test is about sharing, not about the fallback when Redis is slow

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import pytest
 from limits_contract import LEASE_EXPIRY_SCENARIOS, SCENARIOS, Scenario, conc, quota, rate
-from redisserver import RedisServer, redis_server  # noqa: F401
+from redisserver import RedisServer, redis_db, redis_server, timed, warnings_in  # noqa: F401
 
 from openai_forward.limits import Bucket, Decision
 from openai_forward.redisstore import RedisStore, mask_url
@@ -64,23 +63,6 @@ def run(body: Callable[..., Awaitable[T]], *stores: Any) -> T:
                 await s.aclose()
 
     return asyncio.run(main())
-
-
-def warnings_in(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-
-
-async def timed(aw: Awaitable[T]) -> tuple[T, float]:
-    t = time.monotonic()
-    result = await aw
-    return result, time.monotonic() - t
-
-
-@pytest.fixture
-def redis_db(redis_server: RedisServer) -> RedisServer:  # noqa: F811 (the imported fixture)
-    """The module's redis-server, flushed: no state from earlier tests."""
-    redis_server.flush()
-    return redis_server
 
 
 @pytest.fixture
