@@ -10,7 +10,7 @@ from typing import Any
 
 from . import __version__
 from .config import Config, _mask_url
-from .eventlog import access_target
+from .eventlog import access_targets
 from .keypool import key_id
 
 
@@ -43,7 +43,7 @@ def banner(config: Config, host: str, port: int) -> dict[str, Any]:
         "limits": {"rules": len(config.limits), "state": _state(config)},
         "usage": {"recording": config.usage, "database": config.database},
         "logs": {
-            "access": access_target(config),
+            "access": access_targets(config),
             "format": config.access_log_format,
             "conversations": config.conversation_log or None,
         },

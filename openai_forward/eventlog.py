@@ -20,6 +20,7 @@ import concurrent.futures
 import contextlib
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Protocol
@@ -257,8 +258,18 @@ def log_target(value: str) -> str | None:
     return None if target.lower() in ("", "off", "false", "none") else target
 
 
-def access_target(config: Config) -> str | None:
-    return log_target(config.access_log)
+def access_targets(config: Config) -> list[str]:
+    """Where the access log goes: ``stdout`` and/or file paths, comma-separated."""
+    found = [log_target(part) for part in config.access_log.split(",")]
+    return list(dict.fromkeys(t for t in found if t is not None))
+
+
+def line_format(target: str, configured: str) -> Callable[[Event], bytes]:
+    """The line maker for one access-log target: ``auto`` is console on a terminal's
+    standard output, JSON everywhere else."""
+    if configured == "auto":
+        configured = "console" if target == "stdout" and sys.stdout.isatty() else "json"
+    return console_line if configured == "console" else json_line
 
 
 class EventLog:
@@ -267,11 +278,8 @@ class EventLog:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.interval = config.log_flush_interval
-        self.access = access_target(config)
         fmt = config.access_log_format
-        if fmt == "auto":
-            fmt = "console" if self.access == "stdout" and sys.stdout.isatty() else "json"
-        self._line = console_line if fmt == "console" else json_line
+        self.access = [(t, line_format(t, fmt)) for t in access_targets(config)]
         self.conversations = log_target(config.conversation_log)
         self._sinks: dict[str, Sink] = {}
         self._pending: list[Event] = []
@@ -335,9 +343,12 @@ class EventLog:
     # the writer thread
 
     def _write(self, events: list[Event]) -> None:
-        if self.access:
-            line = self._line
-            self._emit(self.access, [line(e) for e in events])
+        made: dict[Callable[[Event], bytes], list[bytes]] = {}
+        for target, line in self.access:  # each format made once, written to its targets
+            lines = made.get(line)
+            if lines is None:
+                lines = made[line] = [line(e) for e in events]
+            self._emit(target, lines)
         if self.conversations:
             cap = self.config.conversation_max_bytes
             lines = []

@@ -243,3 +243,45 @@ def test_a_clear_reaches_running_workers_within_the_memory_ttl(gateway_factory, 
         assert time.monotonic() < deadline, "the cleared entry is still served"
         time.sleep(0.05)
     assert len(chat_requests(upstream)) == 2
+
+
+def test_embeddings_are_cached_and_large_answers_are_not(gateway_factory, upstream, tmp_path):
+    cfg = {"cache_max_entry_bytes": 4096}
+    gw = gateway_factory(upstream.url, args=write_config(tmp_path, upstream.url, **cfg))
+    client = sdk(gw)
+
+    def embed(text: str) -> str | None:
+        raw = client.embeddings.with_raw_response.create(model="text-embedding-3-small", input=text)
+        raw.parse()
+        return raw.headers.get(HEADER)
+
+    assert embed("a") == "miss" and embed("a") == "hit"
+    embeddings = [r for r in upstream.requests if r.path == "/v1/embeddings"]
+    assert len(embeddings) == 1
+    big = "x" * 8000
+    completion = {"object": "chat.completion", "model": "gpt-4o", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": big}, "finish_reason": "stop"}
+    ]}  # fmt: skip
+    upstream.script(
+        "POST",
+        CHAT,
+        Reply(headers=[("content-type", "application/json")], body=json.dumps(completion).encode()),
+    )
+    assert ask(client)[0] == "miss" and ask(client)[0] == "miss"  # over the cap: relayed only
+    assert len(chat_requests(upstream)) == 2
+
+
+def test_a_responses_api_stream_is_replayed(gateway_factory, upstream, tmp_path):
+    gw = gateway_factory(upstream.url, args=write_config(tmp_path, upstream.url))
+
+    def events() -> list[str]:
+        with (
+            sdk(gw) as client,
+            client.responses.create(model="gpt-4o", input="hi", stream=True) as stream,
+        ):
+            return [e.type for e in stream]
+
+    first = events()
+    assert first[-1] == "response.completed"
+    assert events() == first
+    assert len([r for r in upstream.requests if r.path == "/v1/responses"]) == 1

@@ -142,6 +142,20 @@ def test_console_format_for_a_terminal(gateway_factory, upstream, tmp_path):
     assert "-> openai" in line and "tokens=" in line and "ms" in line
 
 
+def test_access_log_to_stdout_and_a_file_at_once(gateway_factory, upstream, tmp_path):
+    log_path = tmp_path / "access.log"
+    cfg = {"access_log": f"stdout, {log_path}"}
+    gw = gateway_factory(upstream.url, args=write_config(tmp_path, upstream.url, **cfg))
+    sdk(gw).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    (line,) = wait_lines(log_path, 1)
+    deadline = time.monotonic() + 10
+    while line["request_id"] not in gw.output():
+        assert time.monotonic() < deadline, gw.output()
+        time.sleep(0.02)
+    shown = next(x for x in gw.output().splitlines() if line["request_id"] in x)
+    assert json.loads(shown) == line  # not a terminal: JSON on stdout too
+
+
 def test_control_characters_cannot_forge_a_line(gateway_factory, upstream, tmp_path):
     log_path = tmp_path / "access.log"
     gw = gateway_factory(
@@ -206,6 +220,8 @@ def test_a_streamed_conversation_with_tool_calls_is_logged_and_exported(
 
     (record,) = wait_lines(conv, 1)
     assert record["request"]["messages"] == messages and record["key_name"] == "alice"
+    for secret in (UPSTREAM_KEY, FK_ALICE):
+        assert_no_secret(conv.read_text(), gw.output(), secret=secret)
     choice = record["reply"]["choices"][0]
     assert choice["finish_reason"] == "tool_calls"
     calls = choice["message"]["tool_calls"]
@@ -336,3 +352,4 @@ def test_startup_banner_is_structured_and_masked(gateway_factory, upstream, tmp_
     assert record["metrics"] == "/metrics (admin token)"
     for secret in (UPSTREAM_KEY, FK_ALICE, ADMIN):
         assert_no_secret(gw.output(), secret=secret)
+    assert record["logs"]["access"] == ["stdout"]
