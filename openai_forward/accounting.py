@@ -324,30 +324,31 @@ class Meter:
         if not self.recording and not self.logging:
             return
         identity: ForwardKey | None = req.identity
+        # positional, in UsageRow's field order: 23 keywords cost 0.75 µs a request more
         row = UsageRow(
-            request_id=acct.request_id,
-            ts=acct.ts,
-            key_id=identity.id if identity is not None else None,
-            key_name=identity.name if identity is not None else None,
-            client_ip=req.client_ip or req.client.peer,
-            route=acct.route,
-            path=acct.path,
-            upstream=acct.upstream,
-            upstream_key=upstream_key,
-            model=model,
-            status=status,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            cached_tokens=usage.cached_tokens,
-            reasoning_tokens=usage.reasoning_tokens,
-            estimated=int(usage.estimated),
-            stream=int(acct.sse),
-            client_closed=int(acct.client_closed),
-            ttfb_ms=None if acct.ttfb is None else (acct.ttfb - acct.started) * 1000,
-            duration_ms=(now - acct.started) * 1000,
-            cost=cost,
-            error_code=error_code,
-            cache_hit=int(hit),
+            acct.request_id,
+            acct.ts,
+            identity.id if identity is not None else None,  # key_id
+            identity.name if identity is not None else None,  # key_name
+            req.client_ip or req.client.peer,
+            acct.route,
+            acct.path,
+            acct.upstream,
+            upstream_key,
+            model,
+            status,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.cached_tokens,
+            usage.reasoning_tokens,
+            int(usage.estimated),
+            int(acct.sse),  # stream
+            int(acct.client_closed),
+            None if acct.ttfb is None else (acct.ttfb - acct.started) * 1000,  # ttfb_ms
+            (now - acct.started) * 1000,  # duration_ms
+            cost,
+            error_code,
+            int(hit),  # cache_hit
         )
         if self.recording:
             self.writer.add(row)
