@@ -523,3 +523,71 @@ class ReplyAssembler:
             self._state = _STOPPED  # parsed: a second call gives the same reply
             reply.body(obj)
         return reply.result()
+
+
+_PLAIN_DELTA = frozenset({"role", "content", "refusal"})
+_STREAM_END = b"\n\ndata: [DONE]\n\n"
+
+
+def plain_chat_reply(data: bytes, cap: int = 1 << 20) -> dict[str, Any] | None:
+    """The reply of a plain chat-completions stream, as ``ReplyAssembler`` would give it,
+    or None when the stream is not plain (then the assembler must read it).
+
+    Plain: ``data: {...}`` events framed with LF and a blank line, ending ``data: [DONE]``;
+    every chunk with choices has one, of index 0, whose delta holds only ``role``, ``content``
+    and an empty ``refusal``; no ``error``; the text within ``cap``. That is what OpenAI
+    sends for a text answer. All events are parsed by one orjson call (the framing becomes
+    commas of a JSON array: a raw line break cannot occur inside a JSON string), which makes
+    this about five times cheaper than feeding the assembler chunk by chunk."""
+    if not data.startswith(b"data: ") or not data.endswith(_STREAM_END):
+        return None
+    try:
+        events = orjson.loads(
+            b"[" + data[6 : -len(_STREAM_END)].replace(b"\n\ndata: ", b",") + b"]"
+        )
+    except orjson.JSONDecodeError:
+        return None
+    parts: list[str] = []
+    role, finish, model, usage, seen = "assistant", None, None, None, False
+    plain = _PLAIN_DELTA
+    try:
+        for obj in events:
+            choices = obj.get("choices")  # AttributeError: not an object
+            if "usage" in obj and type(obj["usage"]) is dict:
+                usage = obj["usage"]
+            if model is None and type(obj.get("model")) is str and obj["model"]:
+                model = obj["model"]
+            if obj.get("error") is not None:
+                return None
+            if not choices:
+                continue
+            (choice,) = choices  # ValueError: more than one
+            if choice.get("index", 0) != 0:
+                return None
+            seen = True
+            delta = choice.get("delta")
+            if delta:
+                if delta.keys() - plain or delta.get("refusal"):
+                    return None
+                text = delta.get("content")
+                if text and type(text) is str:
+                    parts.append(text)
+                said = delta.get("role")
+                if said and type(said) is str:
+                    role = said
+            if choice.get("finish_reason") is not None:
+                finish = choice["finish_reason"]
+    except (AttributeError, TypeError, ValueError):
+        return None  # a shape the assembler knows how to read, or not
+    text = "".join(parts)
+    if not seen or (len(text) if text.isascii() else len(text.encode("utf-8", "replace"))) > cap:
+        return None
+    message = {"role": role, "content": text}
+    choice_out = {"index": 0, "message": message, "finish_reason": finish}
+    return {
+        "choices": [choice_out],
+        "model": model,
+        "usage": usage,
+        "error": None,
+        "truncated": False,
+    }

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from .conversation import ReplyAssembler
+from .conversation import CHAT, ReplyAssembler, plain_chat_reply
 
 if TYPE_CHECKING:
     from .config import Config
@@ -177,7 +177,10 @@ def conversation_record(event: Event, cap: int) -> dict[str, Any] | None:
     row = event.row
     reply = None
     if row.status < 300 and capture.pieces:
-        reply = _plain_reply(row.path, capture) if not capture.stream else None
+        if not capture.stream:
+            reply = _plain_reply(row.path, capture)
+        elif row.path == CHAT and not capture.truncated and capture.encoding in _PLAIN:
+            reply = plain_chat_reply(b"".join(capture.pieces), cap)
         if reply is None:
             assembler = ReplyAssembler(row.path, capture.stream, capture.encoding, cap)
             for piece in capture.pieces:
@@ -209,11 +212,14 @@ def conversation_record(event: Event, cap: int) -> dict[str, Any] | None:
     }
 
 
+_PLAIN = (b"", b"identity")
+
+
 def _plain_reply(path: str, capture: Capture) -> Any:
     """The reply of a whole, uncompressed JSON answer, read straight from it (the common
     case, cheaper than the assembler); None to let the assembler judge it. An answer the
     usage observer already read as a JSON object goes in as it came, unparsed."""
-    if capture.truncated or capture.encoding not in (b"", b"identity"):
+    if capture.truncated or capture.encoding not in _PLAIN:
         return None
     if capture.valid:
         return orjson.Fragment(_one_line(b"".join(capture.pieces)))

@@ -17,7 +17,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from openai_forward.conversation import CHAT, COMPLETIONS, RESPONSES, ReplyAssembler
+from openai_forward.conversation import (
+    CHAT,
+    COMPLETIONS,
+    RESPONSES,
+    ReplyAssembler,
+    plain_chat_reply,
+)
 
 MODEL = "gpt-4o-2024-08-06"
 USAGE = {"prompt_tokens": 82, "completion_tokens": 41, "total_tokens": 123}
@@ -512,3 +518,68 @@ def test_a_stream_whose_compression_breaks_keeps_what_came_before():
     result = assemble([good[:-4], b"\xff" * 64], encoding=b"deflate")
     assert result is not None and result["truncated"] is True
     assert result["choices"][0]["message"]["content"] == "Let me c"
+
+
+# --------------------------------------------------------------------------- plain_chat_reply
+
+
+def _plain_stream(texts: list[str], role: bool, finish: str | None, usage: bool) -> bytes:
+    base = {"id": "chatcmpl-9", "object": "chat.completion.chunk", "model": "gpt-4o-mini"}
+    chunks: list[dict[str, Any]] = []
+    if role:
+        delta = {"role": "assistant", "content": "", "refusal": None}
+        chunks.append({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+    for text in texts:
+        chunks.append({**base, "choices": [{"index": 0, "delta": {"content": text}}]})
+    chunks.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+    if usage:
+        counts = {"prompt_tokens": 3, "completion_tokens": len(texts), "total_tokens": 9}
+        chunks.append({**base, "choices": [], "usage": counts})
+    return b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+
+
+def _assembled(data: bytes, cap: int = 1 << 20) -> dict[str, Any] | None:
+    assembler = ReplyAssembler(CHAT, True, b"", cap)
+    assembler.feed(data)
+    return assembler.result()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    texts=st.lists(st.text(max_size=12), max_size=20),
+    role=st.booleans(),
+    finish=st.sampled_from(["stop", "length", None]),
+    usage=st.booleans(),
+)
+def test_plain_chat_reply_equals_the_assembler(
+    texts: list[str], role: bool, finish: str | None, usage: bool
+) -> None:
+    """Quotes, backslashes, line breaks and any Unicode in the text: the one-call parse
+    gives exactly what the chunk-by-chunk assembler gives."""
+    data = _plain_stream(texts, role, finish, usage)
+    fast = plain_chat_reply(data)
+    assert fast is not None
+    assert fast == _assembled(data)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda d: d.replace(b"\n", b"\r\n"),  # another framing
+        lambda d: d[: -len(b"data: [DONE]\n\n")],  # no end: cut off
+        lambda d: b": keep-alive\n\n" + d,  # a comment
+        lambda d: d.replace(b'"delta":{"content"', b'"delta":{"tool_calls":[],"content"', 1),
+        lambda d: d.replace(b'"index":0', b'"index":1', 1),  # a second choice
+        lambda d: d.replace(b"data: {", b'data: {"error":{"message":"x"},', 1),
+    ],
+)
+def test_streams_that_are_not_plain_go_to_the_assembler(change: Any) -> None:
+    data = change(_plain_stream(["Hel", "lo"], True, "stop", True))
+    assert plain_chat_reply(data) is None
+
+
+def test_a_reply_over_the_cap_goes_to_the_assembler() -> None:
+    data = _plain_stream(["x" * 100] * 3, True, "stop", False)
+    assert plain_chat_reply(data, cap=1000) is not None
+    assert plain_chat_reply(data, cap=250) is None
+    assert _assembled(data, cap=250)["truncated"] is True
