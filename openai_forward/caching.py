@@ -95,7 +95,11 @@ class ResponseCache:
         """The request's ticket (None: no part in the cache) and the body to forward instead
         of the client's (without the ``caching`` member), or None to keep it.
 
-        Raises GatewayError 400 for a ``caching`` value or header the gateway cannot read."""
+        Raises GatewayError 400 for a ``caching`` value or header the gateway cannot read.
+        A request to an upstream that is not of type openai takes no part and keeps its body
+        and headers as they are."""
+        if target.config.type != "openai":
+            return None, None
         header = _header(req)
         if obj is None:
             if self.mode == "request" and header is None and body.find(b'"caching"') < 0:
@@ -117,7 +121,7 @@ class ResponseCache:
         model = obj.get("model")
         enabled = self.mode == "on" and self._covers(req, route, model)
         read, write = plan(directive, enabled)
-        if target.config.type != "openai" or not (read or write):
+        if not (read or write):
             return None, forward
         tenant = None if self.shared else _tenant(req)
         path = req.path + ("?" + req.query if req.query else "")

@@ -323,7 +323,10 @@ class EventLog:
             if self._closing:
                 return
             self._wake.clear()
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:  # a bad batch must not end the logging of this worker
+                log.exception("logs: could not write a batch")
 
     async def flush(self) -> None:
         """Hand every pending event to the writer thread and wait for it."""
@@ -353,17 +356,36 @@ class EventLog:
         for target, line in self.access:  # each format made once, written to its targets
             lines = made.get(line)
             if lines is None:
-                lines = made[line] = [line(e) for e in events]
+                lines = made[line] = self._lines(line, events)
             self._emit(target, lines)
         if self.conversations:
             cap = self.config.conversation_max_bytes
             lines = []
             for event in events:
                 if event.capture is not None:
-                    record = conversation_record(event, cap)
-                    if record is not None:
-                        lines.append(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+                    try:
+                        record = conversation_record(event, cap)
+                        if record is not None:
+                            lines.append(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+                    except (TypeError, ValueError):  # not encodable: this record only
+                        self._unwritable(event)
             self._emit(self.conversations, lines)
+
+    def _lines(self, line: Callable[[Event], bytes], events: list[Event]) -> list[bytes]:
+        try:
+            return [line(e) for e in events]
+        except (TypeError, ValueError):  # one event cannot be written: the others can
+            out = []
+            for event in events:
+                try:
+                    out.append(line(event))
+                except (TypeError, ValueError):
+                    self._unwritable(event)
+            return out
+
+    def _unwritable(self, event: Event) -> None:
+        self.dropped += 1
+        log.warning("logs: request %s could not be written down", event.row.request_id)
 
     def _emit(self, target: str, lines: list[bytes]) -> None:
         if not lines:

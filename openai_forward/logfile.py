@@ -81,12 +81,14 @@ class LineFile:
         self._open()
 
     def _open(self) -> None:
+        # the new file first: if it cannot be opened (its directory is gone), the old one
+        # stays in use and the next write tries again
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC  # read: the last byte
+        fd = os.open(self.path, flags, 0o600)
         if self._fd >= 0:
             os.close(self._fd)
-            self._fd = -1
-        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC  # read: the last byte
-        self._fd = os.open(self.path, flags, 0o600)
-        self._ino = os.fstat(self._fd).st_ino
+        self._fd = fd
+        self._ino = os.fstat(fd).st_ino
 
     def write(self, lines: list[bytes]) -> None:
         """Append ``lines`` (each ending with b"\\n") in one write, rotating first if due.
@@ -102,7 +104,7 @@ class LineFile:
         data = b"".join(lines)
         fcntl.lockf(self._lock, fcntl.LOCK_EX)
         try:
-            self._follow()
+            self._follow()  # may raise (the directory is gone): this batch is not written
             size = os.fstat(self._fd).st_size
             if size and size + len(data) > self.max_bytes:
                 self._rotate()

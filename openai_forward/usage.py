@@ -261,7 +261,11 @@ def _string(quoted: bytes) -> str | None:
         value = json.loads(quoted.decode("utf-8", "replace"))
     except ValueError:
         return None
-    return value if isinstance(value, str) else None
+    if not isinstance(value, str):
+        return None
+    if not value.isascii():  # json keeps a lone surrogate ("\\ud800"): no UTF-8 can hold it
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    return value
 
 
 # --------------------------------------------------------------------------------------------
