@@ -11,6 +11,7 @@ PATH the tests are skipped, except under ``CI=true`` where they fail: CI must ru
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -150,3 +151,28 @@ def redis_db(redis_server: RedisServer) -> RedisServer:
     """The module's redis-server, flushed: no state from earlier tests."""
     redis_server.flush()
     return redis_server
+
+
+class SilentServer:
+    """Accepts connections and reads, never answers: a Redis that hangs."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{port}/0"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        self._writers.append(writer)
+        while await reader.read(65536):
+            pass
+
+    async def close(self) -> None:
+        for w in self._writers:
+            w.close()
+        self._server.close()
+        await self._server.wait_closed()

@@ -52,6 +52,15 @@ def chat_requests(upstream: Any) -> list[Any]:
     return [r for r in upstream.requests if r.path == CHAT]
 
 
+def answer_with(upstream: Any, text: str) -> None:
+    """Script the upstream's chat answer: one choice whose content is ``text``."""
+    message = {"role": "assistant", "content": text}
+    choice = {"index": 0, "message": message, "finish_reason": "stop"}
+    completion = {"object": "chat.completion", "model": "gpt-4o", "choices": [choice]}
+    body = json.dumps(completion).encode()
+    upstream.script("POST", CHAT, Reply(headers=[("content-type", "application/json")], body=body))
+
+
 def test_a_second_identical_request_is_served_without_the_upstream(
     gateway_factory, upstream, tmp_path
 ):
@@ -175,14 +184,7 @@ def test_errors_and_broken_streams_are_not_stored(gateway_factory, upstream, tmp
 
 def test_hits_do_not_hold_up_other_requests(gateway_factory, upstream, tmp_path):
     big = "x" * (1 << 20)
-    completion = {"object": "chat.completion", "model": "gpt-4o", "choices": [
-        {"index": 0, "message": {"role": "assistant", "content": big}, "finish_reason": "stop"}
-    ]}  # fmt: skip
-    upstream.script(
-        "POST",
-        CHAT,
-        Reply(headers=[("content-type", "application/json")], body=json.dumps(completion).encode()),
-    )
+    answer_with(upstream, big)
     # no memory tier: every hit reads the SQLite file, on the store's thread
     cfg = {"cache_memory_bytes": 0}
     gw = gateway_factory(upstream.url, args=write_config(tmp_path, upstream.url, **cfg))
@@ -259,14 +261,7 @@ def test_embeddings_are_cached_and_large_answers_are_not(gateway_factory, upstre
     embeddings = [r for r in upstream.requests if r.path == "/v1/embeddings"]
     assert len(embeddings) == 1
     big = "x" * 8000
-    completion = {"object": "chat.completion", "model": "gpt-4o", "choices": [
-        {"index": 0, "message": {"role": "assistant", "content": big}, "finish_reason": "stop"}
-    ]}  # fmt: skip
-    upstream.script(
-        "POST",
-        CHAT,
-        Reply(headers=[("content-type", "application/json")], body=json.dumps(completion).encode()),
-    )
+    answer_with(upstream, big)
     assert ask(client)[0] == "miss" and ask(client)[0] == "miss"  # over the cap: relayed only
     assert len(chat_requests(upstream)) == 2
 

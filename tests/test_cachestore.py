@@ -22,7 +22,14 @@ import pytest
 from cache_contract import SCENARIOS, T0, Scenario, body_entry, key
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from redisserver import RedisServer, redis_db, redis_server, timed, warnings_in  # noqa: F401
+from redisserver import (  # noqa: F401
+    RedisServer,
+    SilentServer,
+    redis_db,
+    redis_server,
+    timed,
+    warnings_in,
+)
 
 from openai_forward.cache import Entry
 from openai_forward.cacheredis import RedisCache
@@ -423,28 +430,6 @@ def test_redis_down_misses_fast_warns_once_then_recovers(
         server.close()
     assert len(warnings_in(caplog)) == 1
     assert sum("answers again" in r.getMessage() for r in caplog.records) == 1
-
-
-class SilentServer:
-    """Accepts connections and reads, never answers: a Redis that hangs."""
-
-    def __init__(self) -> None:
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> str:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.append(writer)
-        while await reader.read(65536):
-            pass
-
-    async def close(self) -> None:
-        for w in self._writers:
-            w.close()
-        self._server.close()
-        await self._server.wait_closed()
 
 
 def test_a_redis_that_never_answers_costs_one_timeout_per_retry_interval(

@@ -10,7 +10,14 @@ from typing import Any, TypeVar
 
 import pytest
 from limits_contract import LEASE_EXPIRY_SCENARIOS, SCENARIOS, Scenario, conc, quota, rate
-from redisserver import RedisServer, redis_db, redis_server, timed, warnings_in  # noqa: F401
+from redisserver import (  # noqa: F401
+    RedisServer,
+    SilentServer,
+    redis_db,
+    redis_server,
+    timed,
+    warnings_in,
+)
 
 from openai_forward.limits import Bucket, Decision
 from openai_forward.redisstore import RedisStore, mask_url
@@ -248,31 +255,6 @@ def test_redis_killed_mid_traffic_then_restarted_recovers(
     run(body, store)
     assert len(warnings_in(caplog)) == 1
     assert sum("store answers again" in r.getMessage() for r in caplog.records) == 1
-
-
-class SilentServer:
-    """Accepts connections and reads, never answers: a Redis that hangs."""
-
-    def __init__(self) -> None:
-        self.accepted = 0
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> str:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
-        return f"redis://127.0.0.1:{port}/0"
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.accepted += 1
-        self._writers.append(writer)
-        while await reader.read(65536):
-            pass
-
-    async def close(self) -> None:
-        for w in self._writers:
-            w.close()
-        self._server.close()
-        await self._server.wait_closed()
 
 
 def test_a_redis_that_never_answers_costs_one_timeout_per_retry_interval(

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import metricscrape
 import openai
 import pytest
 from conftest import assert_no_secret, free_port, run_cli
 from fakeupstream import Reply, sse
-from prometheus_client.parser import text_string_to_metric_families
+from metricscrape import total
 
 CHAT = "/v1/chat/completions"
 FK_ALICE = "fk-alice-0123456789abcdefghijklmnopqrstuv"
@@ -255,23 +256,7 @@ def test_conversations_of_keys_not_opted_in_are_not_logged(gateway_factory, upst
 
 
 def scrape(url: str, token: str | None = ADMIN) -> dict[str, float]:
-    headers = {"authorization": f"Bearer {token}"} if token else {}
-    r = httpx.get(url, headers=headers, timeout=10)
-    assert r.status_code == 200, r.text
-    assert r.headers["content-type"].startswith("text/plain")
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(r.text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            values[f"{sample.name}{{{labels}}}"] = sample.value
-    return values
-
-
-def total(values: dict[str, float], prefix: str, **labels: str) -> float:
-    wanted = [f"{k}={v}" for k, v in labels.items()]
-    return sum(
-        v for k, v in values.items() if k.startswith(prefix + "{") and all(w in k for w in wanted)
-    )
+    return metricscrape.scrape(url, token)
 
 
 def test_metrics_add_up_across_two_workers(gateway_factory, upstream, tmp_path):

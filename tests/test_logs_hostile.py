@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import metricscrape
 import pytest
 from conftest import assert_no_secret
 from fakeupstream import Reply, sse
+from metricscrape import total
 from prometheus_client.parser import text_string_to_metric_families
 from rawhttp import RawConn, request
 
@@ -239,21 +241,7 @@ def test_a_log_directory_that_vanishes_drops_lines_without_crashing(
 
 
 def scrape(url: str) -> dict[str, float]:
-    r = httpx.get(url + "/metrics", headers={"authorization": f"Bearer {ADMIN}"}, timeout=10)
-    assert r.status_code == 200, r.text
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(r.text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            values[f"{sample.name}{{{labels}}}"] = sample.value
-    return values
-
-
-def total(values: dict[str, float], prefix: str, **labels: str) -> float:
-    wanted = [f"{k}={v}" for k, v in labels.items()]
-    return sum(
-        v for k, v in values.items() if k.startswith(prefix + "{") and all(w in k for w in wanted)
-    )
+    return metricscrape.scrape(url + "/metrics", ADMIN)
 
 
 def series(values: dict[str, float], prefix: str) -> list[str]:
