@@ -134,6 +134,8 @@ def console_line(event: Event) -> bytes:
     if row.prompt_tokens or row.completion_tokens:
         mark = "~" if row.estimated else ""
         parts.append(f"tokens={mark}{row.prompt_tokens}+{row.completion_tokens}")
+    if event.cache is not None:
+        parts.append(f"cache={event.cache}")
     if row.ttfb_ms is not None:
         parts.append(f"ttfb={row.ttfb_ms:.1f}ms")
     parts.append(f"{row.duration_ms:.1f}ms")
