@@ -37,6 +37,7 @@ log = logging.getLogger("openai_forward")
 
 MAX_PENDING = 100_000  # events waiting for the writer thread, at most
 BATCH = 256  # events that wake the writer thread before its interval is up
+MAX_CAPTURED = 256 * 1024 * 1024  # conversation bytes waiting for the writer thread, at most
 
 
 class Sink(Protocol):
@@ -297,6 +298,9 @@ class EventLog:
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="logs")
         self._failing = False
         self.dropped = 0
+        self.dropped_conversations = 0
+        self._captured = 0  # conversation bytes held by the pending events
+        self.max_captured = MAX_CAPTURED
 
     @property
     def active(self) -> bool:
@@ -305,7 +309,15 @@ class EventLog:
 
     def add(self, event: Event) -> None:
         """Queue ``event`` for the next flush. O(1); never blocks, never raises. While the
-        writer falls behind, at most MAX_PENDING wait; beyond, the oldest are dropped."""
+        writer falls behind (a slow disk, a stdout nobody reads), at most MAX_PENDING wait,
+        holding at most MAX_CAPTURED bytes of conversations; beyond, the oldest events are
+        dropped, and new ones keep their access line but lose their conversation."""
+        capture = event.capture
+        if capture is not None:
+            self._captured += capture.size + len(capture.body)
+            if self._captured > self.max_captured:
+                event.capture = None
+                self.dropped_conversations += 1
         pending = self._pending
         pending.append(event)
         if len(pending) == BATCH:  # a busy worker writes small batches, still warm in cache
@@ -333,6 +345,7 @@ class EventLog:
     async def flush(self) -> None:
         """Hand every pending event to the writer thread and wait for it."""
         events, self._pending = self._pending, []
+        self._captured = 0
         if not events:
             return
         loop = asyncio.get_running_loop()

@@ -1,0 +1,67 @@
+"""The event log's queue: bounded while its writer thread falls behind, and every line made
+from the same row the usage records get."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+from openai_forward.config import load
+from openai_forward.eventlog import Capture, Event, EventLog, json_line
+from openai_forward.records import UsageRow
+
+
+def row(n: int) -> UsageRow:
+    return UsageRow(
+        f"req_gw_{n:020x}", time.time(), "cfg_alice", "alice", "127.0.0.1", "/",
+        "/v1/chat/completions", "openai", "key-1", "gpt-4o", 200, 3, 5, 0, 0, 0, 0, 0,
+        1.5, 2.5, None, None,
+    )  # fmt: skip
+
+
+def event(n: int, answer: bytes = b'{"choices":[]}') -> Event:
+    capture = Capture(b'{"model":"gpt-4o","messages":[]}', False, b"", 1 << 20)
+    capture.keep(answer)
+    return Event(row(n), b"POST", capture)
+
+
+def test_a_writer_that_falls_behind_drops_conversations_not_access_lines(tmp_path: Path) -> None:
+    config = load({}, None, {"access_log": "off", "conversation_log": str(tmp_path / "c.jsonl")})
+    log = EventLog(config)
+    log.max_captured = 10_000
+    events = [event(n, b"x" * 1000) for n in range(20)]
+    for e in events:
+        log.add(e)
+    kept = [e for e in events if e.capture is not None]
+    assert len(kept) == 9  # about 1 KB each: the rest lost their conversation
+    assert log.dropped_conversations == 11 and log.dropped == 0
+    assert len(log._pending) == 20  # every access line still comes
+
+
+def test_the_bound_applies_to_what_waits_not_to_what_was_written(tmp_path: Path) -> None:
+    path = tmp_path / "c.jsonl"
+    config = load({}, None, {"access_log": "off", "conversation_log": str(path)})
+
+    async def run() -> None:
+        log = EventLog(config)
+        log.max_captured = 3_000
+        for round_ in range(3):  # each flush starts the count again
+            for n in range(2):
+                log.add(event(round_ * 2 + n, b'{"choices":[],"pad":"' + b"x" * 1000 + b'"}'))
+            await log.flush()
+        await log.aclose()
+        assert log.dropped_conversations == 0
+
+    asyncio.run(run())
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(records) == 6 and all(r["reply"]["choices"] == [] for r in records)
+
+
+def test_an_access_line_is_one_json_object_with_every_field() -> None:
+    line = json_line(Event(row(1), b"POST", None, "hit"))
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    record = json.loads(line)
+    assert record["cache"] == "hit" and record["request_id"] == "req_gw_" + "0" * 19 + "1"
+    assert record["stream"] is False and record["time"].endswith("Z")
