@@ -387,14 +387,14 @@ class Proxy:
         try:
             body = b"".join(req.pending or ())
             acct = relay.acct
-            if acct is not None and self.meter.converses(req, route):
+            if acct is not None and self.meter.conversing and self.meter.converses(req, route):
                 acct.log_body = body
                 acct.capture_cap = self.meter.capture_cap
             if not self._strict_body(req, route):
                 # accounting only: a body that is not a stream is not even parsed (the answer
                 # names the model and the usage); a stream may need the usage option added
                 target = self.targets[route.default.name]
-                if self.cache.wants_body(req):
+                if self.cache.enabled and self.cache.wants_body(req):
                     body = self._take_part(relay, route, target, body, None)
                 if acct is not None:
                     acct.body = body
@@ -418,7 +418,7 @@ class Proxy:
                     param="model",
                 )
             target = self.targets[route.pick(model).name]
-            if self.cache.wants_body(req):
+            if self.cache.enabled and self.cache.wants_body(req):
                 forward = self._take_part(relay, route, target, body, facts.obj)
                 if forward is not body:  # the caching member is gone
                     body, facts = forward, read_facts(forward)
