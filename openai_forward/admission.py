@@ -11,14 +11,13 @@ uses beyond its reservation.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from .auth import client_token, route_matches
+from .auth import client_key_digest, route_matches
 from .errors import GatewayError
 from .limitconfig import BUDGET_FIELDS, Budget, LimitRule, Limits, Price, price_for
 from .limits import Bucket, BucketState, Decision, Kind
@@ -51,10 +50,8 @@ def _subject_of_client(req: Request, identity: ForwardKey | None) -> str:
     (never the key itself), or everyone without a key."""
     if identity is not None:
         return "key:" + identity.id
-    token = client_token(req.headers)
-    if token is None:
-        return "key:-"
-    return "client:" + hashlib.sha256(token).hexdigest()[:16]
+    digest = client_key_digest(req.headers)
+    return "key:-" if digest is None else "client:" + digest[:16]
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import fnmatch
+import hashlib
 import logging
 import os
 import time
@@ -61,6 +62,13 @@ def client_token(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
         if lname == b"api-key" or lname == b"x-api-key":
             return value.strip()
     return None
+
+
+def client_key_digest(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    """SHA-256 (hex) of the key a request carries: who a client is, for its limits and its
+    cache entries, without keeping the key. None when it carries none."""
+    token = client_token(headers)
+    return None if token is None else hashlib.sha256(token).hexdigest()
 
 
 def query_token(query: str) -> bytes | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-import hashlib
 import logging
 import os
 import time
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .auth import client_token, route_matches
+from .auth import client_key_digest, route_matches
 from .cache import BODY_MEMBER, DIRECTIVE_HEADER, Entry, Recorder, cache_directive, cache_key
 from .cache import read_write as plan
 from .errors import GatewayError
@@ -39,7 +38,6 @@ log = logging.getLogger("openai_forward")
 CACHE_PATHS = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"}
 )
-CACHE_MODES = ("off", "request", "on")
 
 
 @dataclass(slots=True)
@@ -265,7 +263,7 @@ def _tenant(req: Request) -> str:
     identity = req.identity
     if identity is not None:
         return f"k:{identity.id}"
-    return "c:" + hashlib.sha256(client_token(req.headers) or b"").hexdigest()
+    return "c:" + (client_key_digest(req.headers) or "")
 
 
 def replay_head(req: Request, entry: Entry, rate_lines: list[bytes] | None) -> bytes:

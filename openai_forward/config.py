@@ -270,6 +270,7 @@ _ZERO_OK = (
     "cache_memory_bytes",
 )
 ACCESS_LOG_FORMATS = ("auto", "json", "console")
+CACHE_MODES = ("off", "request", "on")
 
 
 def _validate(cfg: Config) -> None:
@@ -302,7 +303,7 @@ def _validate(cfg: Config) -> None:
 
 
 def _validate_cache(cfg: Config) -> None:
-    if cfg.cache_mode not in ("off", "request", "on"):
+    if cfg.cache_mode not in CACHE_MODES:
         raise ConfigError(f"cache_mode: {cfg.cache_mode!r} is not one of off, request, on")
     if cfg.cache_replay_pace < 0:
         raise ConfigError("cache_replay_pace: must be 0 (as fast as the client reads) or more")

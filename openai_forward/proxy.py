@@ -351,21 +351,22 @@ class Proxy:
             if route.by_model and req.method == b"GET" and req.path == "/v1/models":
                 relay.task = self.loop.create_task(self.list_models(relay, route))
                 return
-            if req.has_body and self._wants_body(req, route):
+            strict = req.has_body and self._strict_body(req, route)
+            if req.has_body and self._wants_body(req, route, strict):
                 # the body's model picks the upstream, is checked or is accounted for
                 req.buffer_limit = req.body_limit
                 req.want_body()
                 if req.body_complete:
-                    self._with_body(relay, route)
+                    self._with_body(relay, route, strict)
                 else:
-                    req.on_body_done = lambda: self._with_body(relay, route)
+                    req.on_body_done = lambda: self._with_body(relay, route, strict)
                 return
             self._admit(relay, self.targets[route.default.name], None)
         except Exception:
             relay.internal_error()
 
-    def _wants_body(self, req: Request, route: Route) -> bool:
-        if self._strict_body(req, route):
+    def _wants_body(self, req: Request, route: Route, strict: bool) -> bool:
+        if strict:
             return not _is_multipart(req)  # an upload's model is a form field: not read
         # token endpoints take JSON: no need to look for an upload
         if req.method != b"POST" or req.path not in TOKEN_PATHS:
@@ -381,7 +382,7 @@ class Proxy:
         admission = self.meter.admission
         return admission.applies(identity) and admission.needs_body(identity)
 
-    def _with_body(self, relay: Relay, route: Route) -> None:
+    def _with_body(self, relay: Relay, route: Route, strict: bool) -> None:
         req = relay.req
         req.on_body_done = None
         try:
@@ -390,7 +391,7 @@ class Proxy:
             if acct is not None and self.meter.conversing and self.meter.converses(req, route):
                 acct.log_body = body
                 acct.capture_cap = self.meter.capture_cap
-            if not self._strict_body(req, route):
+            if not strict:
                 # accounting only: a body that is not a stream is not even parsed (the answer
                 # names the model and the usage); a stream may need the usage option added
                 target = self.targets[route.default.name]
