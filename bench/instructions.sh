@@ -4,6 +4,7 @@
 # N2-N1 is one request's cost, start-up excluded. Every thread of the process is counted.
 #   bench/instructions.sh [ENV=VALUE ...]          e.g. OPENAI_FORWARD_USAGE=false
 #   GWDIR=/path/to/other/checkout bench/instructions.sh   measures another build
+#   MODE=stream bench/instructions.sh                  counts 50-chunk streams instead
 set -euo pipefail
 BENCH="$(cd "$(dirname "$0")" && pwd)"
 PY="${PYTHON:-python3}"
@@ -30,7 +31,7 @@ count() {
         curl -s -o /dev/null "http://127.0.0.1:$port/healthz" && break
         sleep 0.5
     done
-    "$PY" "$BENCH/load.py" --url "http://127.0.0.1:$port" --mode json --concurrency 8 \
+    "$PY" "$BENCH/load.py" --url "http://127.0.0.1:$port" --mode "${MODE:-json}" --concurrency 8 \
         --requests "$n" > /dev/null
     pkill -TERM -P $gw 2>/dev/null || true
     wait $gw || true

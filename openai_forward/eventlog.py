@@ -1,8 +1,9 @@
 """The access log and the conversation log, fed from the event the usage records get.
 
-When a request ends, the worker's :class:`EventLog` receives its :class:`Event`: the usage
-row (the same one the usage records get), the method, and, for a request whose conversation
-is logged, the raw request body and the response bytes as the upstream sent them. ``add``
+When a request ends, the worker's :class:`EventLog` receives its usage row (the same dict
+the usage records get, in the access line's order already) and, for a request whose
+conversation is logged, the raw request body and the response bytes as the upstream sent
+them. ``add``
 only appends to a list. Every ``log_flush_interval`` seconds a writer thread turns the
 batch into JSON lines (or console lines), appends them to standard output or to rotating
 files and assembles the conversations; the event loop never formats, parses or writes for a
@@ -21,17 +22,18 @@ import contextlib
 import logging
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from .conversation import CHAT, ReplyAssembler, plain_chat_reply
+from .conversation import CHAT, ReplyAssembler
+from .plainreply import plain_chat_reply
+from .records import UsageRow
 
 if TYPE_CHECKING:
     from .config import Config
-    from .records import UsageRow
+    from .usage import StreamUsage
 
 log = logging.getLogger("openai_forward")
 
@@ -49,7 +51,17 @@ class Capture:
     """A logged conversation's raw material, kept on the loop without parsing it: the
     request body as the client sent it, and the answer's bytes as relayed, up to ``cap``."""
 
-    __slots__ = ("body", "cap", "encoding", "pieces", "size", "stream", "truncated", "valid")
+    __slots__ = (
+        "body",
+        "cap",
+        "encoding",
+        "pieces",
+        "shared",
+        "size",
+        "stream",
+        "truncated",
+        "valid",
+    )
 
     def __init__(self, body: bytes, stream: bool, encoding: bytes, cap: int) -> None:
         self.body = body
@@ -60,6 +72,7 @@ class Capture:
         self.size = 0
         self.truncated = False
         self.valid = False  # the whole answer was read as a JSON object (decoded, if encoded)
+        self.shared: StreamUsage | None = None  # keeps the pieces instead (see ``share``)
 
     def keep(self, data: bytes) -> None:
         size = self.size + len(data)
@@ -70,79 +83,71 @@ class Capture:
         self.pieces.append(data)
         self.size = size
 
+    def share(self, observer: StreamUsage) -> None:
+        """Let a stream's usage observer keep the pieces (it keeps them anyway, by
+        reference): no second call per chunk. ``settle`` takes them when the answer ends."""
+        observer.keep_at_least(self.cap)
+        self.shared = observer
+        self.pieces = observer.kept
 
-@dataclass(slots=True)
-class Event:
-    """One finished request, as every log and the metrics see it."""
-
-    row: UsageRow
-    method: bytes
-    capture: Capture | None = None
-    cache: str | None = None  # "hit" or "miss" when the request took part in the cache
-
-
-def access_record(event: Event) -> dict[str, Any]:
-    """The fields of an access log line, in a fixed order."""
-    row = event.row
-    # flags are ints in the row: `== 1` makes JSON booleans without a call
-    return {
-        "time": _iso(row.ts),
-        "request_id": row.request_id,
-        "client_ip": row.client_ip,
-        "method": event.method.decode("latin-1"),
-        "path": row.path,
-        "route": row.route,
-        "status": row.status,
-        "key_id": row.key_id,
-        "key_name": row.key_name,
-        "upstream": row.upstream,
-        "upstream_key": row.upstream_key,
-        "model": row.model,
-        "stream": row.stream == 1,
-        "ttfb_ms": row.ttfb_ms,
-        "duration_ms": row.duration_ms,
-        "prompt_tokens": row.prompt_tokens,
-        "completion_tokens": row.completion_tokens,
-        "cached_tokens": row.cached_tokens,
-        "reasoning_tokens": row.reasoning_tokens,
-        "estimated": row.estimated == 1,
-        "cost": row.cost,
-        "cache": event.cache,
-        "client_closed": row.client_closed == 1,
-        "error_code": row.error_code,
-    }
+    def settle(self) -> None:
+        """The answer ended: the pieces that fit ``cap``, as ``keep`` would have kept them."""
+        observer = self.shared
+        if observer is None:
+            return
+        self.shared = None
+        size = observer.kept_bytes
+        if observer.seen_bytes > self.cap:
+            self.truncated = True
+            pieces = self.pieces = list(self.pieces)
+            while pieces and size > self.cap:
+                size -= len(pieces.pop())
+        self.size = size
 
 
-def json_line(event: Event) -> bytes:
-    return orjson.dumps(access_record(event)) + b"\n"
+# One finished request as the logs see it: its usage row (the one the usage records get,
+# see records.UsageRow) and, when its conversation is logged, what was kept of it.
+Event = tuple[UsageRow, Capture | None]
 
 
-def console_line(event: Event) -> bytes:
+def access_record(row: UsageRow) -> dict[str, Any]:
+    """The fields of an access log line, in a fixed order: the row as it is (in that order
+    already), with the time in ISO 8601 and the method as text."""
+    line = row.copy()
+    line["time"] = _iso(row["time"])
+    line["method"] = row["method"].decode("latin-1")
+    return line
+
+
+def json_line(row: UsageRow) -> bytes:
+    return orjson.dumps(access_record(row), option=orjson.OPT_APPEND_NEWLINE)
+
+
+def console_line(row: UsageRow) -> bytes:
     """A line for a person at a terminal: time, status, method, path, who, where, how long."""
-    row = event.row
     parts = [
-        _iso(row.ts)[11:23],
-        str(row.status),
-        _safe(event.method.decode("latin-1")),
-        _safe(row.path),
-        f"key={_safe(row.key_name or row.key_id or '-')}",
-        f"ip={_safe(row.client_ip)}",
+        _iso(row["time"])[11:23],
+        str(row["status"]),
+        _safe(row["method"].decode("latin-1")),
+        _safe(row["path"]),
+        f"key={_safe(row['key_name'] or row['key_id'] or '-')}",
+        f"ip={_safe(row['client_ip'])}",
     ]
-    if row.upstream:
-        parts.append(f"-> {_safe(row.upstream)}")
-    if row.model:
-        parts.append(f"model={_safe(row.model)}")
-    if row.prompt_tokens or row.completion_tokens:
-        mark = "~" if row.estimated else ""
-        parts.append(f"tokens={mark}{row.prompt_tokens}+{row.completion_tokens}")
-    if event.cache is not None:
-        parts.append(f"cache={event.cache}")
-    if row.ttfb_ms is not None:
-        parts.append(f"ttfb={row.ttfb_ms:.1f}ms")
-    parts.append(f"{row.duration_ms:.1f}ms")
-    if row.error_code:
-        parts.append(f"error={_safe(row.error_code)}")
-    parts.append(f"id={row.request_id}")
+    if row["upstream"]:
+        parts.append(f"-> {_safe(row['upstream'])}")
+    if row["model"]:
+        parts.append(f"model={_safe(row['model'])}")
+    if row["prompt_tokens"] or row["completion_tokens"]:
+        mark = "~" if row["estimated"] else ""
+        parts.append(f"tokens={mark}{row['prompt_tokens']}+{row['completion_tokens']}")
+    if row["cache"] is not None:
+        parts.append(f"cache={row['cache']}")
+    if row["ttfb_ms"] is not None:
+        parts.append(f"ttfb={row['ttfb_ms']:.1f}ms")
+    parts.append(f"{row['duration_ms']:.1f}ms")
+    if row["error_code"]:
+        parts.append(f"error={_safe(row['error_code'])}")
+    parts.append(f"id={row['request_id']}")
     return " ".join(parts).encode() + b"\n"
 
 
@@ -154,21 +159,21 @@ def _safe(text: str) -> str:
 
 
 _second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
 
 
 def _iso(ts: float) -> str:
-    """``ts`` as UTC ISO 8601 with milliseconds: 2026-11-25T06:37:58.663Z."""
+    """``ts`` (>= 0) as UTC ISO 8601 with milliseconds: 2026-11-25T06:37:58.663Z."""
     whole = int(ts)
     if _second[0] != whole:  # one datetime per second of log, not per line
         stamp = datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
         _second[0], _second[1] = whole, stamp
-    return f"{_second[1]}.{int((ts - whole) * 1000):03d}Z"
+    second: str = _second[1]
+    return second + _MILLIS[int((ts - whole) * 1000)]
 
 
-def conversation_record(event: Event, cap: int) -> dict[str, Any] | None:
-    """The conversation log's record of ``event``; None if its body is not a JSON object."""
-    capture = event.capture
-    assert capture is not None
+def conversation_record(row: UsageRow, capture: Capture, cap: int) -> dict[str, Any] | None:
+    """The conversation log's record of a request; None if its body is not a JSON object."""
     try:
         request = orjson.loads(capture.body)
     except orjson.JSONDecodeError:
@@ -177,38 +182,38 @@ def conversation_record(event: Event, cap: int) -> dict[str, Any] | None:
         return None
     # valid JSON goes into the record as it is, not serialised again
     body = orjson.Fragment(_one_line(capture.body))
-    row = event.row
+    path = row["path"]
     reply = None
-    if row.status < 300 and capture.pieces:
+    if row["status"] < 300 and capture.pieces:
         if not capture.stream:
-            reply = _plain_reply(row.path, capture)
-        elif row.path == CHAT and not capture.truncated and capture.encoding in _PLAIN:
+            reply = _plain_reply(path, capture)
+        elif path == CHAT and not capture.truncated and capture.encoding in _PLAIN:
             reply = plain_chat_reply(b"".join(capture.pieces), cap)
         if reply is None:
-            assembler = ReplyAssembler(row.path, capture.stream, capture.encoding, cap)
+            assembler = ReplyAssembler(path, capture.stream, capture.encoding, cap)
             for piece in capture.pieces:
                 assembler.feed(piece)
             reply = assembler.result()
         if capture.truncated:
             reply = {**(reply if isinstance(reply, dict) else {}), "truncated": True}
     usage = None
-    if row.prompt_tokens or row.completion_tokens:
+    if row["prompt_tokens"] or row["completion_tokens"]:
         usage = {
-            "prompt_tokens": row.prompt_tokens,
-            "completion_tokens": row.completion_tokens,
-            "estimated": bool(row.estimated),
+            "prompt_tokens": row["prompt_tokens"],
+            "completion_tokens": row["completion_tokens"],
+            "estimated": row["estimated"],
         }
     return {
-        "ts": row.ts,
-        "request_id": row.request_id,
-        "key_id": row.key_id,
-        "key_name": row.key_name,
-        "route": row.route,
-        "path": row.path,
-        "upstream": row.upstream,
-        "model": row.model,
-        "status": row.status,
-        "error": row.error_code,
+        "ts": row["time"],
+        "request_id": row["request_id"],
+        "key_id": row["key_id"],
+        "key_name": row["key_name"],
+        "route": row["route"],
+        "path": path,
+        "upstream": row["upstream"],
+        "model": row["model"],
+        "status": row["status"],
+        "error": row["error_code"],
         "request": body,
         "reply": reply,
         "usage": usage,
@@ -273,7 +278,7 @@ def access_targets(config: Config) -> list[str]:
     return list(dict.fromkeys(t for t in found if t is not None))
 
 
-def line_format(target: str, configured: str) -> Callable[[Event], bytes]:
+def line_format(target: str, configured: str) -> Callable[[UsageRow], bytes]:
     """The line maker for one access-log target: ``auto`` is console on a terminal's
     standard output, JSON everywhere else."""
     if configured == "auto":
@@ -307,19 +312,19 @@ class EventLog:
         """Whether any log wants request events."""
         return bool(self.access or self.conversations)
 
-    def add(self, event: Event) -> None:
-        """Queue ``event`` for the next flush. O(1); never blocks, never raises. While the
-        writer falls behind (a slow disk, a stdout nobody reads), at most MAX_PENDING wait,
-        holding at most MAX_CAPTURED bytes of conversations; beyond, the oldest events are
-        dropped, and new ones keep their access line but lose their conversation."""
-        capture = event.capture
+    def add(self, row: UsageRow, capture: Capture | None) -> None:
+        """Queue a finished request for the next flush. O(1); never blocks, never raises.
+        While the writer falls behind (a slow disk, a stdout nobody reads), at most
+        MAX_PENDING wait, holding at most MAX_CAPTURED bytes of conversations; beyond, the
+        oldest events are dropped, and new ones keep their access line but lose their
+        conversation."""
         if capture is not None:
             self._captured += capture.size + len(capture.body)
             if self._captured > self.max_captured:
-                event.capture = None
+                capture = None
                 self.dropped_conversations += 1
         pending = self._pending
-        pending.append(event)
+        pending.append((row, capture))
         if len(pending) == BATCH:  # a busy worker writes small batches, still warm in cache
             self._wake.set()
         elif len(pending) > MAX_PENDING:
@@ -367,7 +372,7 @@ class EventLog:
     # the writer thread
 
     def _write(self, events: list[Event]) -> None:
-        made: dict[Callable[[Event], bytes], list[bytes]] = {}
+        made: dict[Callable[[UsageRow], bytes], list[bytes]] = {}
         for target, line in self.access:  # each format made once, written to its targets
             lines = made.get(line)
             if lines is None:
@@ -376,31 +381,31 @@ class EventLog:
         if self.conversations:
             cap = self.config.conversation_max_bytes
             lines = []
-            for event in events:
-                if event.capture is not None:
+            for row, capture in events:
+                if capture is not None:
                     try:
-                        record = conversation_record(event, cap)
+                        record = conversation_record(row, capture, cap)
                         if record is not None:
                             lines.append(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
                     except (TypeError, ValueError):  # not encodable: this record only
-                        self._unwritable(event)
+                        self._unwritable(row)
             self._emit(self.conversations, lines)
 
-    def _lines(self, line: Callable[[Event], bytes], events: list[Event]) -> list[bytes]:
+    def _lines(self, line: Callable[[UsageRow], bytes], events: list[Event]) -> list[bytes]:
         try:
-            return [line(e) for e in events]
+            return [line(row) for row, _ in events]
         except (TypeError, ValueError):  # one event cannot be written: the others can
             out = []
-            for event in events:
+            for row, _ in events:
                 try:
-                    out.append(line(event))
+                    out.append(line(row))
                 except (TypeError, ValueError):
-                    self._unwritable(event)
+                    self._unwritable(row)
             return out
 
-    def _unwritable(self, event: Event) -> None:
+    def _unwritable(self, row: UsageRow) -> None:
         self.dropped += 1
-        log.warning("logs: request %s could not be written down", event.row.request_id)
+        log.warning("logs: request %s could not be written down", row["request_id"])
 
     def _emit(self, target: str, lines: list[bytes]) -> None:
         if not lines:

@@ -38,7 +38,6 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from itertools import islice
 from typing import Any
@@ -52,39 +51,113 @@ BUSY_TIMEOUT = 5.0  # seconds; read at connect time
 MAX_PENDING = 100_000  # rows a writer keeps while the file is unusable; older ones are dropped
 
 
-@dataclass(slots=True)
-class UsageRow:
-    """One request as recorded. Never holds a secret: keys appear by id only."""
-
-    request_id: str
-    ts: float  # unix seconds, request start
-    key_id: str | None
-    key_name: str | None
-    client_ip: str
-    route: str
-    path: str
-    upstream: str | None
-    upstream_key: str | None  # the pool key's id, never the key
-    model: str | None
-    status: int  # what the client got; 499 when it left before a response
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    reasoning_tokens: int
-    # flags are 0 or 1: ints bind to SQLite directly, a bool goes through the sqlite3
-    # module's adapter lookup (it cost 4 µs a row)
-    estimated: int
-    stream: int
-    client_closed: int
-    ttfb_ms: float | None
-    duration_ms: float
-    cost: float | None
-    error_code: str | None
-    cache_hit: int = 0
+# One request as recorded: a dict, because the access log writes it out almost as it is
+# (see eventlog.access_record). Never holds a secret: keys appear by id only. Its keys, in
+# the access log's order:
+#   time          float, unix seconds at the request's start (the access log writes ISO)
+#   request_id    str
+#   client_ip     str
+#   method        bytes (the access log writes it; not stored)
+#   path, route   str
+#   status        int: what the client got; 499 when it left before a response
+#   key_id, key_name, upstream, upstream_key (the pool key's id, never the key), model
+#                 str or None
+#   stream        bool
+#   ttfb_ms       float or None
+#   duration_ms   float
+#   prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens   int
+#   estimated     bool
+#   cost          float or None
+#   cache         "hit", "miss" or None (stored as the cache_hit flag)
+#   client_closed bool
+#   error_code    str or None
+UsageRow = dict[str, Any]
 
 
-COLUMNS = tuple(f.name for f in fields(UsageRow))
-_values = operator.attrgetter(*COLUMNS)  # a row as a tuple, in column order, in C
+def usage_row(
+    request_id: str,
+    ts: float,
+    key_id: str | None,
+    key_name: str | None,
+    client_ip: str,
+    route: str,
+    path: str,
+    upstream: str | None,
+    upstream_key: str | None,
+    model: str | None,
+    status: int,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int,
+    reasoning_tokens: int,
+    estimated: bool,
+    stream: bool,
+    client_closed: bool,
+    ttfb_ms: float | None,
+    duration_ms: float,
+    cost: float | None,
+    error_code: str | None,
+    cache: str | None = None,
+    method: bytes = b"POST",
+) -> UsageRow:
+    """A row, in the stored columns' order of arguments. (The request path writes its dict
+    literally, in ``accounting.Meter.finish``: a call costs more.)"""
+    return {
+        "time": ts,
+        "request_id": request_id,
+        "client_ip": client_ip,
+        "method": method,
+        "path": path,
+        "route": route,
+        "status": status,
+        "key_id": key_id,
+        "key_name": key_name,
+        "upstream": upstream,
+        "upstream_key": upstream_key,
+        "model": model,
+        "stream": stream,
+        "ttfb_ms": ttfb_ms,
+        "duration_ms": duration_ms,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "cached_tokens": cached_tokens,
+        "reasoning_tokens": reasoning_tokens,
+        "estimated": estimated,
+        "cost": cost,
+        "cache": cache,
+        "client_closed": client_closed,
+        "error_code": error_code,
+    }
+
+
+# the stored columns and the row key each comes from (cache_hit: see _INSERT)
+_SOURCES = {
+    "request_id": "request_id",
+    "ts": "time",
+    "key_id": "key_id",
+    "key_name": "key_name",
+    "client_ip": "client_ip",
+    "route": "route",
+    "path": "path",
+    "upstream": "upstream",
+    "upstream_key": "upstream_key",
+    "model": "model",
+    "status": "status",
+    "prompt_tokens": "prompt_tokens",
+    "completion_tokens": "completion_tokens",
+    "cached_tokens": "cached_tokens",
+    "reasoning_tokens": "reasoning_tokens",
+    "estimated": "estimated",
+    "stream": "stream",
+    "client_closed": "client_closed",
+    "ttfb_ms": "ttfb_ms",
+    "duration_ms": "duration_ms",
+    "cost": "cost",
+    "error_code": "error_code",
+    "cache_hit": "cache",
+}
+COLUMNS = tuple(_SOURCES)
+_values = operator.itemgetter(*_SOURCES.values())  # a row as a tuple, in column order, in C
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS usage_meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL)",
@@ -117,8 +190,10 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS usage_key_ts ON usage (key_id, ts)",
 )
 # not INSERT OR IGNORE: that would also skip, silently, a row breaking a NOT NULL constraint
+# cache_hit is bound as the row's "cache" and made 0/1 here; booleans bind as 0/1 (dbfile)
 _INSERT = (
-    f"INSERT INTO usage ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+    f"INSERT INTO usage ({', '.join(COLUMNS)})"
+    f" VALUES ({', '.join('?' * (len(COLUMNS) - 1))}, coalesce(? = 'hit', 0))"
     " ON CONFLICT (ts, request_id) DO NOTHING"
 )
 # summary(): the group expression per `by`, and the ORDER BY; constants, never user text
@@ -153,8 +228,9 @@ class BadRecordError(RecordStoreError):
 
 
 # what a malformed row raises: a NULL in a NOT NULL column, a value SQLite cannot bind, an
-# integer beyond 64 bits, something that is not a UsageRow
+# integer beyond 64 bits, something that is not a row
 _ROW_ERRORS = (
+    KeyError,
     sqlite3.IntegrityError,
     sqlite3.InterfaceError,
     sqlite3.ProgrammingError,

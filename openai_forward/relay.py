@@ -380,8 +380,9 @@ class Relay:
         if acct is not None:
             if acct.ttfb is None:
                 acct.ttfb = time.perf_counter()
-            if acct.capture is not None:
-                acct.capture.keep(data)
+            capture = acct.capture
+            if capture is not None and capture.shared is None:
+                capture.keep(data)
             if acct.observer is not None:
                 shown = acct.observer.feed(data)
                 if shown is not None:

@@ -113,6 +113,7 @@ class JsonUsage:
         "_head_len",
         "_inflate",
         "_ok",
+        "_small",
         "_tail",
         "_tail_len",
         "_total",
@@ -131,10 +132,20 @@ class JsonUsage:
         self._tail: deque[bytes] = deque()
         self._tail_len = 0
         self._total = 0
+        # an uncompressed body's pieces while it is at most WHOLE bytes: a list append a
+        # piece, no head and tail kept apart (most answers end here)
+        self._small: list[bytes] | None = [] if name in _IDENTITY else None
         self.whole_object = False  # result() parsed the whole (decoded) body: a JSON object
 
     def feed(self, data: bytes) -> None:
         """Take the next piece of the body as received (still encoded)."""
+        small = self._small
+        if small is not None:
+            small.append(data)
+            self._total += len(data)
+            if self._total > WHOLE:
+                self._spill(small)
+            return
         if not self._ok or not data:
             return
         if self._deflate and self._inflate is None:
@@ -177,6 +188,13 @@ class JsonUsage:
         while self._tail_len - len(self._tail[0]) >= TAIL:
             self._tail_len -= len(self._tail.popleft())
 
+    def _spill(self, small: list[bytes]) -> None:
+        """Past WHOLE bytes: keep the head and the tail only, from now on."""
+        self._small = None
+        self._total = 0
+        for piece in small:
+            self._add(piece)
+
     def _give_up(self) -> None:
         self._ok = False
         self._head.clear()
@@ -185,6 +203,14 @@ class JsonUsage:
     def result(self) -> tuple[Usage | None, str | None]:
         """(usage, model) of the body fed so far: the top-level ``usage`` object and
         ``model`` string, or None for what is not there. Never raises."""
+        small = self._small
+        if small is not None:
+            body = small[0] if len(small) == 1 else b"".join(small)
+            whole = _read_whole(body)
+            if whole is not None:
+                self.whole_object = whole[2]
+                return whole[0], whole[1]
+            return _find_usage(body), _find_model(body[:HEAD]) or _find_last_model(body)
         if not self._ok:
             return None, None
         tail = b"".join(self._tail)
@@ -273,6 +299,7 @@ def _string(quoted: bytes) -> str | None:
 
 _USAGE_OBJECT = re.compile(rb'"usage"[ \t]*:[ \t]*\{')
 _USAGE_NULL = re.compile(rb'"usage"[ \t]*:[ \t]*null')
+_NULL_TAIL = b',"usage":null}\n\n'  # how OpenAI ends every chunk of a stream asked for usage
 _EOL = (b"\n", b"\r")
 _EOL_BYTES = (10, 13)
 _BLANKS = (32, 9)
@@ -313,11 +340,11 @@ class StreamUsage:
         "_event",
         "_held",
         "_keep",
-        "_kept",
         "_line_cap",
         "_partial",
         "_partial_len",
         "_strip",
+        "kept",
         "kept_bytes",
         "model",
         "overflow",
@@ -334,7 +361,7 @@ class StreamUsage:
         self._strip = strip
         self._keep = keep
         self._line_cap = line_cap
-        self._kept: list[bytes] = []
+        self.kept: list[bytes] = []  # the first ``keep`` bytes (or a little more) as fed
         self._partial: list[bytes] = []
         self._partial_len = 0
         self._held: list[bytes] = []
@@ -348,11 +375,27 @@ class StreamUsage:
             return data
         self.seen_bytes += size
         if self.kept_bytes < self._keep:
-            self._kept.append(data)
+            self.kept.append(data)
             self.kept_bytes += size
         if self.overflow:
             return data
         if self._strip:
+            # The common piece in strip mode: one whole chunk event that ends with the
+            # member include_usage added. Cut it and send the rest: no line machinery, no
+            # regex. (A chunk ending so is not the usage event: that one has an object.)
+            if (
+                data.endswith(_NULL_TAIL)
+                and self.model is not None
+                and self._event == _OPEN
+                and not self._partial
+                and not self._held
+                and not self._cr
+                and data.find(b"\n") == size - 2
+                and data.startswith(b"data:")
+                and data.find(b"\r") < 0
+                and size <= self._line_cap
+            ):
+                return data[: -len(_NULL_TAIL)] + b"}\n\n"
             return self._strip_piece(data)
         # The common piece: whole lines, model known, no usage object. A substring test is
         # cheaper than the regex, which only runs when "usage" is there at all.
@@ -365,6 +408,11 @@ class StreamUsage:
         ):
             self._scan_piece(data)
         return data
+
+    def keep_at_least(self, size: int) -> None:
+        """Keep (at least) the first ``size`` bytes fed from now on."""
+        if size > self._keep:
+            self._keep = size
 
     def end(self) -> bytes:
         """The stream ended: scan the unterminated last line; return what strip mode held."""
@@ -551,7 +599,7 @@ class StreamUsage:
         a little more: ``kept_bytes``): content, reasoning, refusals, tool call names and
         arguments, completion text, Responses API text and argument deltas."""
         parts: list[str] = []
-        for line in b"".join(self._kept).splitlines():
+        for line in b"".join(self.kept).splitlines():
             if line.startswith(b"data:"):
                 try:
                     obj = orjson.loads(line[5:])

@@ -8,6 +8,7 @@ bounded memory and never breaks the relay.
 from __future__ import annotations
 
 import gzip
+import json
 import tracemalloc
 import zlib
 from typing import Any
@@ -22,8 +23,8 @@ from openai_forward.conversation import (
     COMPLETIONS,
     RESPONSES,
     ReplyAssembler,
-    plain_chat_reply,
 )
+from openai_forward.plainreply import plain_chat_reply
 
 MODEL = "gpt-4o-2024-08-06"
 USAGE = {"prompt_tokens": 82, "completion_tokens": 41, "total_tokens": 123}
@@ -523,19 +524,36 @@ def test_a_stream_whose_compression_breaks_keeps_what_came_before():
 # --------------------------------------------------------------------------- plain_chat_reply
 
 
-def _plain_stream(texts: list[str], role: bool, finish: str | None, usage: bool) -> bytes:
+def _plain_stream(
+    texts: list[str],
+    role: bool,
+    finish: str | None,
+    usage: bool,
+    usage_null: bool = False,
+    ascii_escapes: bool = False,
+) -> bytes:
+    """A chat stream as OpenAI sends it. ``usage_null``: every chunk ends with
+    ``"usage":null`` (stream_options.include_usage); ``ascii_escapes``: non-ASCII text
+    written as \\u escapes (what Python's json does)."""
     base = {"id": "chatcmpl-9", "object": "chat.completion.chunk", "model": "gpt-4o-mini"}
+    tail: dict[str, Any] = {"usage": None} if usage_null else {}
     chunks: list[dict[str, Any]] = []
     if role:
         delta = {"role": "assistant", "content": "", "refusal": None}
-        chunks.append({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+        choice = {"index": 0, "delta": delta, "finish_reason": None}
+        chunks.append({**base, "choices": [choice], **tail})
     for text in texts:
-        chunks.append({**base, "choices": [{"index": 0, "delta": {"content": text}}]})
-    chunks.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+        choice = {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
+        chunks.append({**base, "choices": [choice], **tail})
+    chunks.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}], **tail})
     if usage:
         counts = {"prompt_tokens": 3, "completion_tokens": len(texts), "total_tokens": 9}
         chunks.append({**base, "choices": [], "usage": counts})
-    return b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+    if ascii_escapes:
+        encoded = [json.dumps(c, separators=(",", ":")).encode() for c in chunks]
+    else:
+        encoded = [orjson.dumps(c) for c in chunks]
+    return b"".join(b"data: " + c + b"\n\n" for c in encoded) + b"data: [DONE]\n\n"
 
 
 def _assembled(data: bytes, cap: int = 1 << 20) -> dict[str, Any] | None:
@@ -544,22 +562,87 @@ def _assembled(data: bytes, cap: int = 1 << 20) -> dict[str, Any] | None:
     return assembler.result()
 
 
-@settings(max_examples=300, deadline=None)
+# text that is hard for the template cut: quotes, backslashes (alone, at the end, in
+# escapes), the member name it cuts at, line breaks, the event separator, any Unicode
+_HOSTILE_TEXT = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(
+        ["\\", '"', '\\"', '"content":"', '","content":"x', "\n\ndata: ", "\u00e9", "\U0001f600"]
+    ),
+    st.text(alphabet='ab\\"\n{}:,', max_size=6),
+)
+
+
+@settings(max_examples=500, deadline=None)
 @given(
-    texts=st.lists(st.text(max_size=12), max_size=20),
+    texts=st.lists(_HOSTILE_TEXT, max_size=20),
     role=st.booleans(),
     finish=st.sampled_from(["stop", "length", None]),
     usage=st.booleans(),
+    usage_null=st.booleans(),
+    ascii_escapes=st.booleans(),
 )
 def test_plain_chat_reply_equals_the_assembler(
-    texts: list[str], role: bool, finish: str | None, usage: bool
+    texts: list[str],
+    role: bool,
+    finish: str | None,
+    usage: bool,
+    usage_null: bool,
+    ascii_escapes: bool,
 ) -> None:
-    """Quotes, backslashes, line breaks and any Unicode in the text: the one-call parse
-    gives exactly what the chunk-by-chunk assembler gives."""
-    data = _plain_stream(texts, role, finish, usage)
+    """Quotes, backslashes, line breaks and any Unicode in the text: the template cut (or
+    its fallback, event by event) gives exactly what the chunk-by-chunk assembler gives."""
+    data = _plain_stream(texts, role, finish, usage, usage_null, ascii_escapes)
     fast = plain_chat_reply(data)
     assert fast is not None
     assert fast == _assembled(data)
+
+
+def test_a_long_plain_stream_is_read_by_the_template_cut() -> None:
+    """50 text chunks like OpenAI's: the cut reads them all (only the first, the finish
+    and the usage events are parsed on their own), and gives the assembler's reply."""
+    import openai_forward.plainreply as plainreply
+
+    data = _plain_stream([f" tok{i}" for i in range(50)], True, "stop", True, usage_null=True)
+    parsed: list[bytes] = []
+    real = plainreply.orjson.loads
+
+    def counting(raw: bytes) -> Any:
+        parsed.append(raw)
+        return real(raw)
+
+    plainreply.orjson = type("O", (), {"loads": staticmethod(counting), "dumps": orjson.dumps})
+    try:
+        fast = plain_chat_reply(data)
+    finally:
+        plainreply.orjson = orjson
+    assert fast == _assembled(data)
+    assert fast is not None and fast["choices"][0]["message"]["content"].startswith(" tok0 tok1")
+    # the template (twice: whole, and its content), the role event and the one after it,
+    # the finish and usage events, the joint text: not one parse per chunk
+    assert len(parsed) <= 8
+
+
+@pytest.mark.parametrize(
+    "texts",
+    [
+        ["a", "b\\", "c"],  # a backslash ending one content: its event is read alone
+        ["a", 'say "hi"', "c", "d"],  # a quote
+        ["x"] * 5 + ["\u00e9\\"] + ["y"] * 5,
+    ],
+)
+def test_contents_the_cut_cannot_take_are_read_event_by_event(texts: list[str]) -> None:
+    for escapes in (False, True):
+        data = _plain_stream(texts, True, "stop", True, usage_null=True, ascii_escapes=escapes)
+        assert plain_chat_reply(data) == _assembled(data)
+
+
+def test_an_escape_split_across_two_events_is_not_mended() -> None:
+    """Each event must be JSON on its own: a content ending in half a \\u escape, whose
+    next content completes it, is not a plain stream (a joint decode would accept it)."""
+    data = _plain_stream(["aaaa", "bbbb", "cccc", "dddd"], True, "stop", False)
+    data = data.replace(b'"bbbb"', b'"bb\\u00"', 1).replace(b'"cccc"', b'"e9cc"', 1)
+    assert plain_chat_reply(data) is None
 
 
 @pytest.mark.parametrize(

@@ -10,21 +10,21 @@ from pathlib import Path
 
 from openai_forward.config import load
 from openai_forward.eventlog import Capture, Event, EventLog, json_line
-from openai_forward.records import UsageRow
+from openai_forward.records import UsageRow, usage_row
 
 
-def row(n: int) -> UsageRow:
-    return UsageRow(
+def row(n: int, cache: str | None = None) -> UsageRow:
+    return usage_row(
         f"req_gw_{n:020x}", time.time(), "cfg_alice", "alice", "127.0.0.1", "/",
-        "/v1/chat/completions", "openai", "key-1", "gpt-4o", 200, 3, 5, 0, 0, 0, 0, 0,
-        1.5, 2.5, None, None,
+        "/v1/chat/completions", "openai", "key-1", "gpt-4o", 200, 3, 5, 0, 0, False, False, False,
+        1.5, 2.5, None, None, cache,
     )  # fmt: skip
 
 
 def event(n: int, answer: bytes = b'{"choices":[]}') -> Event:
     capture = Capture(b'{"model":"gpt-4o","messages":[]}', False, b"", 1 << 20)
     capture.keep(answer)
-    return Event(row(n), b"POST", capture)
+    return row(n), capture
 
 
 def test_a_writer_that_falls_behind_drops_conversations_not_access_lines(tmp_path: Path) -> None:
@@ -33,8 +33,8 @@ def test_a_writer_that_falls_behind_drops_conversations_not_access_lines(tmp_pat
     log.max_captured = 10_000
     events = [event(n, b"x" * 1000) for n in range(20)]
     for e in events:
-        log.add(e)
-    kept = [e for e in events if e.capture is not None]
+        log.add(*e)
+    kept = [capture for _, capture in log._pending if capture is not None]
     assert len(kept) == 9  # about 1 KB each: the rest lost their conversation
     assert log.dropped_conversations == 11 and log.dropped == 0
     assert len(log._pending) == 20  # every access line still comes
@@ -49,7 +49,7 @@ def test_the_bound_applies_to_what_waits_not_to_what_was_written(tmp_path: Path)
         log.max_captured = 3_000
         for round_ in range(3):  # each flush starts the count again
             for n in range(2):
-                log.add(event(round_ * 2 + n, b'{"choices":[],"pad":"' + b"x" * 1000 + b'"}'))
+                log.add(*event(round_ * 2 + n, b'{"choices":[],"pad":"' + b"x" * 1000 + b'"}'))
             await log.flush()
         await log.aclose()
         assert log.dropped_conversations == 0
@@ -60,7 +60,7 @@ def test_the_bound_applies_to_what_waits_not_to_what_was_written(tmp_path: Path)
 
 
 def test_an_access_line_is_one_json_object_with_every_field() -> None:
-    line = json_line(Event(row(1), b"POST", None, "hit"))
+    line = json_line(row(1, "hit"))
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     record = json.loads(line)
     assert record["cache"] == "hit" and record["request_id"] == "req_gw_" + "0" * 19 + "1"

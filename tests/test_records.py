@@ -19,9 +19,9 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,6 +35,7 @@ from openai_forward.records import (
     RecordWriter,
     UsageRow,
     parse_since,
+    usage_row,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,7 +44,7 @@ T0 = 1_790_000_000.0  # 2026-09-21 14:13:20 UTC
 
 
 def row(n: int, **changes: object) -> UsageRow:
-    base = UsageRow(
+    fields: dict[str, Any] = dict(
         request_id=f"req{n:06d}",
         ts=T0 + n,
         key_id="fkid_aaaaaaaaaaaa",
@@ -67,7 +68,7 @@ def row(n: int, **changes: object) -> UsageRow:
         cost=0.5,
         error_code=None,
     )
-    return replace(base, **changes)  # type: ignore[arg-type]
+    return usage_row(**{**fields, **changes})
 
 
 @pytest.fixture
@@ -101,14 +102,25 @@ async def wait_for(check: Callable[[], bool], timeout: float) -> float:
 
 
 def test_row_is_stored_field_for_field(store: RecordStore, db: str) -> None:
-    original = row(1, key_id=None, key_name=None, ttfb_ms=None, cost=None, cache_hit=True)
+    original = row(1, key_id=None, key_name=None, ttfb_ms=None, cost=None, cache="hit")
     assert store.insert_many([original]) == 1
     with sqlite3.connect(db) as conn:
         found = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM usage").fetchone()
-    assert dict(zip(COLUMNS, found, strict=True)) == {
-        name: getattr(original, name) for name in COLUMNS
+    stored = dict(zip(COLUMNS, found, strict=True))
+    # the row's keys, but the time is "ts", flags are 0/1 and the cache is a cache_hit flag
+    assert stored.pop("ts") == original["time"]
+    assert stored.pop("cache_hit") == 1
+    assert stored == {
+        name: int(value) if type(value) is bool else value
+        for name, value in original.items()
+        if name in COLUMNS
     }
-    assert store.count() == 1
+    assert (stored["stream"], stored["estimated"], stored["client_closed"]) == (1, 0, 0)
+    store.insert_many([row(2, cache="miss"), row(3, cache=None)])
+    with sqlite3.connect(db) as conn:
+        hits = conn.execute("SELECT cache_hit FROM usage ORDER BY ts").fetchall()
+    assert hits == [(1,), (0,), (0,)]
+    assert store.count() == 3
 
 
 def test_same_request_written_twice_is_stored_once(store: RecordStore) -> None:
@@ -258,7 +270,7 @@ def test_cost_is_none_without_prices(store: RecordStore) -> None:
 
 def test_spent_leaves_out_cache_hits(store: RecordStore) -> None:
     """A hit's row holds the tokens it saved; nobody spent them, so no budget counts them."""
-    store.insert_many([row(1), row(2, cache_hit=1, cost=None), row(3, cache_hit=1, cost=None)])
+    store.insert_many([row(1), row(2, cache="hit", cost=None), row(3, cache="hit", cost=None)])
     assert store.spent(["fkid_aaaaaaaaaaaa"], 0.0) == {"fkid_aaaaaaaaaaaa": (120, 0.5)}
     assert store.summary()[0]["cache_hits"] == 2
 
@@ -543,7 +555,7 @@ def test_rewriting_rows_after_a_crash_does_not_count_them_twice(db: str) -> None
 
 WRITER = """
 import asyncio, sys
-from openai_forward.records import RecordWriter, UsageRow
+from openai_forward.records import RecordWriter, usage_row
 
 tag, db, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
 
@@ -553,7 +565,7 @@ async def main():
     sys.stdout.write("ready\\n"); sys.stdout.flush()
     sys.stdin.readline()  # everyone starts at once
     for n in range(count):
-        writer.add(UsageRow(f"{tag}-{n}", float(n), None, None, "127.0.0.1", "/", "/v1/x",
+        writer.add(usage_row(f"{tag}-{n}", float(n), None, None, "127.0.0.1", "/", "/v1/x",
                             None, None, None, 200, 1, 1, 0, 0, False, False, False, None,
                             1.0, None, None))
         if n % 100 == 0:

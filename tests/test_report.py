@@ -9,22 +9,22 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from openai_forward import report
 from openai_forward.config import Config
 from openai_forward.keystore import KeyStore
-from openai_forward.records import RecordStore, UsageRow
+from openai_forward.records import RecordStore, UsageRow, usage_row
 
 T0 = 1_790_000_000.0  # 2026-09-21 14:13:20 UTC
 DAY = 86400.0
 
 
 def row(n: int, **changes: object) -> UsageRow:
-    base = UsageRow(
+    fields: dict[str, Any] = dict(
         request_id=f"req{n}",
         ts=T0 + n,
         key_id=None,
@@ -48,7 +48,7 @@ def row(n: int, **changes: object) -> UsageRow:
         cost=None,
         error_code=None,
     )
-    return replace(base, **changes)  # type: ignore[arg-type]
+    return usage_row(**{**fields, **changes})
 
 
 def usage(*argv: str) -> argparse.Namespace:
