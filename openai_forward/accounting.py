@@ -121,12 +121,15 @@ class Account:
         self.observer = None
         if status >= 300 or (self.body is None and self.facts is None):
             return
+        capture = self.capture
         if sse:
-            observer = self.observer = StreamUsage(strip=self.strip)
-            if self.capture is not None:
-                self.capture.share(observer)
+            stream = self.observer = StreamUsage(strip=self.strip)
+            if capture is not None:
+                capture.share(stream, stream.kept)
             return
-        self.observer = JsonUsage(encoding)
+        json = self.observer = JsonUsage(encoding)
+        if capture is not None and json.kept is not None:
+            capture.share(json, json.kept)
 
 
 class Meter:
@@ -296,7 +299,7 @@ class Meter:
         if capture is not None:
             if capture.shared is not None:
                 capture.settle()
-            elif isinstance(acct.observer, JsonUsage):
+            if isinstance(acct.observer, JsonUsage):
                 capture.valid = acct.observer.whole_object  # parsed already: not again
         hit = acct.hit is not None
         charge = acct.charge

@@ -33,7 +33,7 @@ from .records import UsageRow
 
 if TYPE_CHECKING:
     from .config import Config
-    from .usage import StreamUsage
+    from .usage import JsonUsage, StreamUsage
 
 log = logging.getLogger("openai_forward")
 
@@ -72,7 +72,7 @@ class Capture:
         self.size = 0
         self.truncated = False
         self.valid = False  # the whole answer was read as a JSON object (decoded, if encoded)
-        self.shared: StreamUsage | None = None  # keeps the pieces instead (see ``share``)
+        self.shared: StreamUsage | JsonUsage | None = None  # keeps the pieces (``share``)
 
     def keep(self, data: bytes) -> None:
         size = self.size + len(data)
@@ -83,23 +83,26 @@ class Capture:
         self.pieces.append(data)
         self.size = size
 
-    def share(self, observer: StreamUsage) -> None:
-        """Let a stream's usage observer keep the pieces (it keeps them anyway, by
-        reference): no second call per chunk. ``settle`` takes them when the answer ends."""
+    def share(self, observer: StreamUsage | JsonUsage, pieces: list[bytes]) -> None:
+        """Let the usage observer keep the pieces (``pieces``, its list: it keeps them
+        anyway, by reference): no second call per piece. ``settle`` takes them when the
+        answer ends."""
         observer.keep_at_least(self.cap)
         self.shared = observer
-        self.pieces = observer.kept
+        self.pieces = pieces
 
     def settle(self) -> None:
-        """The answer ended: the pieces that fit ``cap``, as ``keep`` would have kept them."""
+        """The answer ended: the pieces that fit ``cap``, as ``keep`` would have kept them
+        (the observer keeps whole pieces up to ``cap`` or a little past it)."""
         observer = self.shared
         if observer is None:
             return
         self.shared = None
-        size = observer.kept_bytes
+        pieces = self.pieces
+        size = len(pieces[0]) if len(pieces) == 1 else sum(map(len, pieces))
         if observer.seen_bytes > self.cap:
             self.truncated = True
-            pieces = self.pieces = list(self.pieces)
+            pieces = self.pieces = list(pieces)
             while pieces and size > self.cap:
                 size -= len(pieces.pop())
         self.size = size

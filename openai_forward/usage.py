@@ -112,6 +112,7 @@ class JsonUsage:
         "_head",
         "_head_len",
         "_inflate",
+        "_limit",
         "_ok",
         "_small",
         "_tail",
@@ -135,6 +136,7 @@ class JsonUsage:
         # an uncompressed body's pieces while it is at most WHOLE bytes: a list append a
         # piece, no head and tail kept apart (most answers end here)
         self._small: list[bytes] | None = [] if name in _IDENTITY else None
+        self._limit = WHOLE  # the size past which the pieces are no longer all kept
         self.whole_object = False  # result() parsed the whole (decoded) body: a JSON object
 
     def feed(self, data: bytes) -> None:
@@ -143,7 +145,7 @@ class JsonUsage:
         if small is not None:
             small.append(data)
             self._total += len(data)
-            if self._total > WHOLE:
+            if self._total > self._limit:
                 self._spill(small)
             return
         if not self._ok or not data:
@@ -188,6 +190,22 @@ class JsonUsage:
         while self._tail_len - len(self._tail[0]) >= TAIL:
             self._tail_len -= len(self._tail.popleft())
 
+    @property
+    def kept(self) -> list[bytes] | None:
+        """The pieces fed so far, by reference, while an uncompressed body is small enough
+        (see ``keep_at_least``); None otherwise. The list stops growing once it is past."""
+        return self._small
+
+    @property
+    def seen_bytes(self) -> int:
+        return self._total
+
+    def keep_at_least(self, size: int) -> None:
+        """Keep every piece of an uncompressed body of up to ``size`` bytes (for the
+        conversation log, which would keep them anyway)."""
+        if size > self._limit:
+            self._limit = size
+
     def _spill(self, small: list[bytes]) -> None:
         """Past WHOLE bytes: keep the head and the tail only, from now on."""
         self._small = None
@@ -206,11 +224,13 @@ class JsonUsage:
         small = self._small
         if small is not None:
             body = small[0] if len(small) == 1 else b"".join(small)
-            whole = _read_whole(body)
-            if whole is not None:
-                self.whole_object = whole[2]
-                return whole[0], whole[1]
-            return _find_usage(body), _find_model(body[:HEAD]) or _find_last_model(body)
+            if len(body) <= WHOLE:
+                whole = _read_whole(body)
+                if whole is not None:
+                    self.whole_object = whole[2]
+                    return whole[0], whole[1]
+            tail = body[-TAIL:]
+            return _find_usage(tail), _find_model(body[:HEAD]) or _find_last_model(tail)
         if not self._ok:
             return None, None
         tail = b"".join(self._tail)

@@ -65,3 +65,28 @@ def test_an_access_line_is_one_json_object_with_every_field() -> None:
     record = json.loads(line)
     assert record["cache"] == "hit" and record["request_id"] == "req_gw_" + "0" * 19 + "1"
     assert record["stream"] is False and record["time"].endswith("Z")
+
+
+def test_a_shared_capture_keeps_what_its_own_keep_would_have_kept() -> None:
+    """The usage observer keeps the pieces for the conversation log (no second call per
+    piece); when the answer ends, the capture holds exactly what ``keep`` would hold."""
+    from openai_forward.usage import JsonUsage, StreamUsage
+
+    pieces = [b"a" * 300, b"b" * 300, b"c" * 300, b"d" * 300]
+    for observer in (JsonUsage(), StreamUsage()):
+        for cap in (0, 299, 300, 899, 900, 1200, 5000):
+            own = Capture(b"{}", False, b"", cap)
+            shared = Capture(b"{}", False, b"", cap)
+            fresh = JsonUsage() if isinstance(observer, JsonUsage) else StreamUsage()
+            kept = fresh.kept
+            assert kept is not None
+            shared.share(fresh, kept)
+            for piece in pieces:
+                own.keep(piece)
+                fresh.feed(piece)
+            shared.settle()
+            assert (shared.pieces, shared.size, shared.truncated) == (
+                own.pieces,
+                own.size,
+                own.truncated,
+            ), (type(observer).__name__, cap)

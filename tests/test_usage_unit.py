@@ -655,3 +655,22 @@ def test_any_bytes_for_any_split_give_the_same_output_and_never_raise(data, cuts
         if not strip:
             assert out == data
         observer.completion_text()
+
+
+@pytest.mark.parametrize("size", [100, 16_000, 20_000, 100_000, 2_000_000])
+def test_keeping_every_piece_for_the_log_finds_the_same_usage(size: int) -> None:
+    """An observer that keeps a logged answer's pieces (keep_at_least) reads the same usage
+    and model as one that keeps only a head and a tail, whatever the body's size."""
+    usage = b'"usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":10}'
+    body = b'{"model":"gpt-4o","data":"' + b"x" * size + b'",' + usage + b"}"
+    plain, keeping = JsonUsage(), JsonUsage()
+    keeping.keep_at_least(1 << 20)
+    for start in range(0, len(body), 4096):
+        plain.feed(body[start : start + 4096])
+        keeping.feed(body[start : start + 4096])
+    assert keeping.result() == plain.result() == (Usage(7, 3), "gpt-4o")
+    kept = keeping.kept
+    if len(body) <= 1 << 20:
+        assert kept is not None and b"".join(kept) == body
+    else:
+        assert kept is None  # past the size asked for: head and tail only, as usual
