@@ -241,33 +241,67 @@ class LocalStore:
         """Check every bucket; if all pass, charge all of them, else change nothing."""
         if now is None:
             now = self._clock()
-        if self._expiry and self._expiry[0][0] <= now:
+        expiry = self._expiry
+        if expiry and expiry[0][0] <= now:
             self._prune(now)
-        # the arithmetic of ``judge``, inlined: this runs for every request
+        # the arithmetic of ``judge`` and ``_charge``, inlined: this runs for every request
         rates = self._rate
+        quotas = self._quota
         states = []
         after = []
         for b in buckets:
             kind = b.kind
-            if kind == "rate":
+            if kind == "rate":  # rate_admit
+                limit = b.limit
+                period = b.period
+                cost = b.cost
+                step = period / limit
                 tat = rates.get(b.name, now)
-                ok, new, remaining, reset, _ = rate_admit(tat, now, b.limit, b.period, b.cost)
-            elif kind == "quota":
-                ok, new, remaining = quota_admit(self._committed(b, now), b.limit, b.cost)
-                reset = b.period
-            else:
-                live = self._live(b, now)
-                ok, remaining = concurrent_admit(live, b.limit)
-                new, reset = live + 1, 0.0
-            if not ok:
-                values = [self._value(b, now) for b in buckets]
-                return decide(buckets, values, now)[0]
-            states.append(BucketState(b, remaining, reset))
+                start = tat if tat > now else now
+                new = start + (cost if cost < limit else limit) * step
+                if new - now > period + EPSILON:
+                    break
+                # the units left are > -1 here, so int() (truncation) is whole()
+                remaining = float(int((period - (new - now)) / step + EPSILON))
+                states.append(BucketState(b, remaining, new - now))
+            elif kind == "quota":  # quota_admit over _committed
+                entry = quotas.get(b.name)
+                committed = entry[0] if entry is not None and entry[1] > now else b.seed
+                new = committed + b.cost
+                if new > b.limit + EPSILON:
+                    break
+                left = b.limit - new
+                states.append(BucketState(b, left if left > 0.0 else 0.0, b.period))
+            else:  # concurrent_admit over _live
+                live = self._live(b, now) if self._leases.get(b.name) else 0
+                if live + 1 > b.limit:
+                    break
+                new = live + 1
+                states.append(BucketState(b, b.limit - new, 0.0))
             after.append(new)
-        ticket = next(self._ids)
-        for b, value in zip(buckets, after, strict=True):
-            self._charge(b, value, now, ticket)
-        return Decision(True, states, None, 0.0, ticket)
+        else:
+            ticket = next(self._ids)
+            for b, value in zip(buckets, after, strict=True):
+                name = b.name
+                kind = b.kind
+                if kind == "rate":
+                    if name not in rates:
+                        heapq.heappush(expiry, (now + b.period, _RATE, name, b.period))
+                    rates[name] = value
+                elif kind == "quota":
+                    ends = now + b.period + QUOTA_GRACE
+                    if name not in quotas:
+                        heapq.heappush(expiry, (ends, _QUOTA, name, b.period))
+                    quotas[name] = (value, ends)
+                else:
+                    leases = self._leases.get(name)
+                    if leases is None:
+                        leases = self._leases[name] = {}
+                        heapq.heappush(expiry, (now + b.period, _CONCURRENT, name, b.period))
+                    leases[ticket] = now + b.period
+            return Decision(True, states, None, 0.0, ticket)
+        values = [self._value(b, now) for b in buckets]
+        return decide(buckets, values, now)[0]
 
     def settle(self, decision: Decision, deltas: Sequence[float], now: float | None = None) -> None:
         """Apply ``deltas[i]`` (actual - reserved; missing ones count as 0) to
@@ -279,16 +313,19 @@ class LocalStore:
         decision.ticket = None
         if now is None:
             now = self._clock()
+        count = len(deltas)
         for i, st in enumerate(decision.states):
             b = st.bucket
-            delta = deltas[i] if i < len(deltas) else 0.0
-            if b.kind == "concurrent":
+            kind = b.kind
+            if kind == "concurrent":
                 leases = self._leases.get(b.name)
                 if leases:
                     leases.pop(ticket, None)
-            elif delta == 0:
                 continue
-            elif b.kind == "rate":
+            delta = deltas[i] if i < count else 0.0
+            if delta == 0:
+                continue
+            if kind == "rate":
                 self._settle_rate(b, delta, now)
             else:
                 self._settle_quota(b, delta, now)

@@ -322,11 +322,16 @@ class Relay:
         length = False
         encoding = b""
         extra: frozenset[bytes] | None = None
+        acct = self.acct
+        # the gateway's own limits are the client's limits: the upstream's go
+        own_rates = acct is not None and acct.rate_lines is not None
         for name, value in headers:
             lname = name.lower()
             if lname in HOP_BY_HOP:
                 if lname == b"connection":
                     extra = connection_tokens(headers) or None
+                continue
+            if own_rates and lname.startswith(b"x-ratelimit-"):
                 continue
             if lname == b"content-length":
                 length = True
@@ -338,11 +343,9 @@ class Relay:
         if extra is not None:
             lines = drop_named(lines, 1, extra)
         self.status = status
-        acct = self.acct
         if acct is not None:
             self._account_head(acct, status, encoding)
-            if acct.rate_lines is not None:  # the gateway's limits are the client's limits
-                lines = [ln for ln in lines if ln[:12].lower() != b"x-ratelimit-"]
+            if acct.rate_lines is not None:
                 lines.extend(acct.rate_lines)
         if self.sse:
             lines.append(b"x-accel-buffering: no")

@@ -94,7 +94,7 @@ class Recorded:
 
 @dataclass
 class Reply:
-    """What the upstream answers. See FAKE_UPSTREAM.md for the meaning of every field."""
+    """What the upstream answers."""
 
     status: int = 200
     reason: str | None = None
@@ -105,6 +105,7 @@ class Reply:
     headers_delay: float = 0.0
     end: str = "finish"  # "finish" | "reset" | "stall" | "close"
     raw: bytes | None = None
+    # held until set: with chunks, every chunk after the first; with a body, the whole answer
     gate: threading.Event | None = None
     close: bool = False
 
@@ -509,6 +510,10 @@ class FakeUpstream:
         w = conn.writer
         if reply.headers_delay:
             await self._sleep_or_closed(conn, reply.headers_delay)
+        if reply.gate is not None and reply.chunks is None:
+            # a whole answer is held, head and all, until the gate opens (or the peer leaves)
+            while not reply.gate.is_set() and not conn.peer_closed.is_set():
+                await asyncio.sleep(0.002)
         if reply.raw is not None:
             w.write(reply.raw)
             await w.drain()
