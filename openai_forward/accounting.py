@@ -346,17 +346,17 @@ class Meter:
             "upstream": acct.upstream,
             "upstream_key": upstream_key,
             "model": model,
-            "stream": acct.sse,
+            "stream": 1 if acct.sse else 0,
             "ttfb_ms": None if acct.ttfb is None else (acct.ttfb - acct.started) * 1000,
             "duration_ms": (now - acct.started) * 1000,
             "prompt_tokens": usage.prompt_tokens,
             "completion_tokens": usage.completion_tokens,
             "cached_tokens": usage.cached_tokens,
             "reasoning_tokens": usage.reasoning_tokens,
-            "estimated": usage.estimated,
+            "estimated": 1 if usage.estimated else 0,
             "cost": cost,
             "cache": acct.cache,
-            "client_closed": acct.client_closed,
+            "client_closed": 1 if acct.client_closed else 0,
             "error_code": error_code,
         }
         if self.recording:
@@ -437,16 +437,9 @@ class Meter:
         store = self.store
         if store is None or not charge.decision.allowed:
             return
-        deltas = settle_deltas(charge, tokens, cost)
+        deltas = settle_deltas(charge, tokens, cost, self.admission.seeds)
         if self.leases:
             self.leases.pop(id(charge.decision), None)
-        seeds = self.admission.seeds
-        for state in charge.decision.states:
-            if state.bucket.kind == "quota":  # what a store that lost its state restarts from
-                name = state.bucket.name
-                seeds[name] = seeds.get(name, 0.0) + (
-                    cost if state.bucket.unit == "cost" else tokens
-                )
         if not store.is_async:
             store.settle(charge.decision, deltas)
             return

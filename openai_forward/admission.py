@@ -123,6 +123,8 @@ class Admission:
         self._prices: dict[str | None, Price | None] = {}
         self.token_rules = any(r.limits.tpm or r.models for r in self.rules)
         self.by_scope = {s: any(r.scope == s for r in self.rules) for s in ("key", "ip")}
+        self._key_scope = self.by_scope["key"]
+        self._ip_scope = self.by_scope["ip"]
         self._by_route = any(r.routes for r in self.rules)
         self._by_model = any(r.models for r in self.rules)
 
@@ -157,11 +159,12 @@ class Admission:
         if not self._span.day_start <= now < self._span.day_end:
             self._span = periods(now)  # budget bucket names change with the day
             self._templates.clear()
-        subjects = self._subjects(req, identity)
+        # who the per-key and per-IP buckets belong to, as the template's key (the bucket
+        # names are made once, with the template)
         key = (
             identity.id if identity is not None else None,
-            subjects.get("key"),
-            subjects.get("ip"),
+            None if identity is not None or not self._key_scope else _subject_of_client(req, None),
+            (req.client_ip or req.client.peer) if self._ip_scope else None,
             (id(req.ctx), req.path) if self._by_route else None,
             model if self._by_model else None,
         )
@@ -169,6 +172,7 @@ class Admission:
         if template is None or template.identity is not identity:
             if len(self._templates) >= _TEMPLATES_MAX:
                 self._templates.clear()
+            subjects = self._subjects(req, identity)
             template = self._templates[key] = self._template(req, identity, model, subjects)
         if not template.counted:
             return template.slots, 0.0, 0.0, None  # type: ignore[return-value]
@@ -285,10 +289,13 @@ def _add(out: list[Bucket | _Reserved], prefix: str, limits: Limits) -> None:
         out.append(Bucket(prefix + "|cc", "concurrent", cc, LEASE_SECONDS))
 
 
-def settle_deltas(charge: Charge, tokens: float, cost: float) -> list[float]:
+def settle_deltas(
+    charge: Charge, tokens: float, cost: float, seeds: dict[str, float] | None = None
+) -> list[float]:
     """Per bucket of ``charge``: what to add (actual minus reserved) when the request ends.
     A rate bucket charged at most its whole limit (a larger request waits for a full bucket,
-    it is not charged more), so that is what it reserved."""
+    it is not charged more), so that is what it reserved. ``seeds``, if given, also gets
+    each budget's actual spend added: what a store that lost its state restarts from."""
     deltas = []
     for state in charge.decision.states:
         bucket = state.bucket
@@ -296,11 +303,15 @@ def settle_deltas(charge: Charge, tokens: float, cost: float) -> list[float]:
         if unit == "tokens":
             if bucket.kind == "quota":
                 deltas.append(tokens - bucket.cost)
+                if seeds is not None:
+                    seeds[bucket.name] = seeds.get(bucket.name, 0.0) + tokens
             else:
                 reserved = bucket.cost
                 deltas.append(tokens - (reserved if reserved < bucket.limit else bucket.limit))
         elif unit == "cost":
             deltas.append(cost - bucket.cost)
+            if seeds is not None:
+                seeds[bucket.name] = seeds.get(bucket.name, 0.0) + cost
         else:  # requests, or a concurrency lease
             deltas.append(0.0)
     return deltas
@@ -325,30 +336,30 @@ def rate_headers(states: list[BucketState]) -> list[bytes]:
     requests: BucketState | None = None
     tokens: BucketState | None = None
     for state in states:
-        unit = state.bucket.unit
-        if state.bucket.kind != "rate":
+        bucket = state.bucket
+        if bucket.kind != "rate":
             continue
-        if unit == "requests":
+        if bucket.unit == "requests":
             if requests is None or state.remaining < requests.remaining:
                 requests = state
         elif tokens is None or state.remaining < tokens.remaining:
             tokens = state
     lines: list[bytes] = []
-    for suffix, tight in ((b"requests", requests), (b"tokens", tokens)):
-        if tight is not None:
-            lines.append(
-                b"x-ratelimit-limit-%b: %d\r\nx-ratelimit-remaining-%b: %d\r\n"
-                b"x-ratelimit-reset-%b: %b"
-                % (
-                    suffix,
-                    int(tight.bucket.limit),
-                    suffix,
-                    int(tight.remaining),
-                    suffix,
-                    format_reset(tight.reset).encode(),
-                )
-            )
+    if requests is not None:
+        lines.append(_rate_lines(b"requests", requests))
+    if tokens is not None:
+        lines.append(_rate_lines(b"tokens", tokens))
     return lines
+
+
+def _rate_lines(suffix: bytes, tight: BucketState) -> bytes:
+    reset = tight.reset
+    # the usual case, a bucket with room that refills within the second, without a call
+    text = b"%dms" % math.ceil(reset * 1000) if 0 <= reset < 1 else format_reset(reset).encode()
+    return (
+        b"x-ratelimit-limit-%b: %d\r\nx-ratelimit-remaining-%b: %d\r\nx-ratelimit-reset-%b: %b"
+        % (suffix, int(tight.bucket.limit), suffix, int(tight.remaining), suffix, text)
+    )
 
 
 def refusal(decision: Decision) -> GatewayError:

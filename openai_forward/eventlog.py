@@ -115,11 +115,17 @@ Event = tuple[UsageRow, Capture | None]
 
 def access_record(row: UsageRow) -> dict[str, Any]:
     """The fields of an access log line, in a fixed order: the row as it is (in that order
-    already), with the time in ISO 8601 and the method as text."""
+    already), with the time in ISO 8601, the method as text and the flags as booleans."""
     line = row.copy()
     line["time"] = _iso(row["time"])
     line["method"] = row["method"].decode("latin-1")
+    line["stream"] = _BOOL[row["stream"]]
+    line["estimated"] = _BOOL[row["estimated"]]
+    line["client_closed"] = _BOOL[row["client_closed"]]
     return line
+
+
+_BOOL = (False, True)  # a row's 0/1 flag as JSON's false/true
 
 
 def json_line(row: UsageRow) -> bytes:
@@ -204,7 +210,7 @@ def conversation_record(row: UsageRow, capture: Capture, cap: int) -> dict[str, 
         usage = {
             "prompt_tokens": row["prompt_tokens"],
             "completion_tokens": row["completion_tokens"],
-            "estimated": row["estimated"],
+            "estimated": _BOOL[row["estimated"]],
         }
     return {
         "ts": row["time"],

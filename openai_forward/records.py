@@ -62,14 +62,15 @@ MAX_PENDING = 100_000  # rows a writer keeps while the file is unusable; older o
 #   status        int: what the client got; 499 when it left before a response
 #   key_id, key_name, upstream, upstream_key (the pool key's id, never the key), model
 #                 str or None
-#   stream        bool
+#   stream        0 or 1 (flags are ints: SQLite binds them as they are; the logs write
+#                 true or false)
 #   ttfb_ms       float or None
 #   duration_ms   float
 #   prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens   int
-#   estimated     bool
+#   estimated     0 or 1
 #   cost          float or None
 #   cache         "hit", "miss" or None (stored as the cache_hit flag)
-#   client_closed bool
+#   client_closed 0 or 1
 #   error_code    str or None
 UsageRow = dict[str, Any]
 
@@ -115,17 +116,17 @@ def usage_row(
         "upstream": upstream,
         "upstream_key": upstream_key,
         "model": model,
-        "stream": stream,
+        "stream": int(stream),
         "ttfb_ms": ttfb_ms,
         "duration_ms": duration_ms,
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "cached_tokens": cached_tokens,
         "reasoning_tokens": reasoning_tokens,
-        "estimated": estimated,
+        "estimated": int(estimated),
         "cost": cost,
         "cache": cache,
-        "client_closed": client_closed,
+        "client_closed": int(client_closed),
         "error_code": error_code,
     }
 
@@ -190,7 +191,7 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS usage_key_ts ON usage (key_id, ts)",
 )
 # not INSERT OR IGNORE: that would also skip, silently, a row breaking a NOT NULL constraint
-# cache_hit is bound as the row's "cache" and made 0/1 here; booleans bind as 0/1 (dbfile)
+# cache_hit is bound as the row's "cache" and made 0/1 here
 _INSERT = (
     f"INSERT INTO usage ({', '.join(COLUMNS)})"
     f" VALUES ({', '.join('?' * (len(COLUMNS) - 1))}, coalesce(? = 'hit', 0))"

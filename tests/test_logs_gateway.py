@@ -282,10 +282,11 @@ def test_metrics_add_up_across_two_workers(gateway_factory, upstream, tmp_path):
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
 
     deadline = time.monotonic() + 10
-    while True:  # each worker hands its counts over once a second
+    while True:  # each worker hands its counts over once a second: wait for both's
         values = scrape(gw.url + "/metrics")
         done = total(values, "openai_forward_requests_total", status="200")
-        if done == 30 or time.monotonic() > deadline:
+        refused = total(values, "openai_forward_requests_total", status="429")
+        if (done, refused) == (30, 1) or time.monotonic() > deadline:
             break
         time.sleep(0.1)
     assert done == 30
