@@ -113,8 +113,8 @@ class Capture:
 Event = tuple[UsageRow, Capture | None]
 
 
-def access_record(row: UsageRow) -> dict[str, Any]:
-    """The fields of an access log line, in a fixed order: the row as it is (in that order
+def json_line(row: UsageRow) -> bytes:
+    """The access log's JSON line: the row as it is (its keys are in the line's order
     already), with the time in ISO 8601, the method as text and the flags as booleans."""
     line = row.copy()
     line["time"] = _iso(row["time"])
@@ -122,14 +122,10 @@ def access_record(row: UsageRow) -> dict[str, Any]:
     line["stream"] = _BOOL[row["stream"]]
     line["estimated"] = _BOOL[row["estimated"]]
     line["client_closed"] = _BOOL[row["client_closed"]]
-    return line
+    return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
 
 
 _BOOL = (False, True)  # a row's 0/1 flag as JSON's false/true
-
-
-def json_line(row: UsageRow) -> bytes:
-    return orjson.dumps(access_record(row), option=orjson.OPT_APPEND_NEWLINE)
 
 
 def console_line(row: UsageRow) -> bytes:

@@ -52,7 +52,7 @@ MAX_PENDING = 100_000  # rows a writer keeps while the file is unusable; older o
 
 
 # One request as recorded: a dict, because the access log writes it out almost as it is
-# (see eventlog.access_record). Never holds a secret: keys appear by id only. Its keys, in
+# (see eventlog.json_line). Never holds a secret: keys appear by id only. Its keys, in
 # the access log's order:
 #   time          float, unix seconds at the request's start (the access log writes ISO)
 #   request_id    str
