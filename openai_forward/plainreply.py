@@ -3,10 +3,11 @@
 A text answer streamed by OpenAI is dozens of chunk events that differ only in their
 ``content``: ``data: {"id":...,"choices":[{"index":0,"delta":{"content":"<text>"},...}]}``.
 Parsing every one into objects costs about 3 µs a chunk; this module takes one chunk as a
-template (parsed and checked like any other), cuts the stream at the template's bytes around
-the content with one ``bytes.split``, and decodes all the contents with one orjson call. The
-chunks that differ from the template (the first, with the role; the last ones, with the
-finish reason and the usage) are parsed one by one. The result is exactly what
+template (parsed and checked like any other), splits the stream after every chunk that ends
+like it with one ``bytes.split``, checks that the pieces are the template's bytes with another
+string, and decodes all those strings with one orjson call. The chunks that differ from the
+template (the first, with the role; the last ones, with the finish reason and the usage) are
+parsed one by one. The result is exactly what
 ``conversation.ReplyAssembler`` gives for the same stream (a property test holds it to that),
 or None when the stream is not plain and the assembler must read it.
 """
