@@ -14,6 +14,7 @@ or None when the stream is not plain and the assembler must read it.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -22,6 +23,9 @@ PLAIN_DELTA = frozenset({"role", "content", "refusal"})
 STREAM_END = b"\n\ndata: [DONE]\n\n"
 _SEP = b"\n\ndata: "
 _CONTENT = b'"content":"'
+# OpenAI's random padding of every chunk (on by default): no part of the reply, and it
+# would make every chunk end differently
+_PADDING = re.compile(rb',"obfuscation":"[^"\\]*"')
 
 
 class NotPlain(Exception):
@@ -88,6 +92,8 @@ def plain_chat_reply(data: bytes, cap: int = 1 << 20) -> dict[str, Any] | None:
     if not data.startswith(b"data: ") or not data.endswith(STREAM_END):
         return None
     body = data[6 : -len(STREAM_END)]
+    if body.find(b',"obfuscation":"') >= 0:
+        body = _PADDING.sub(b"", body)
     reply = _Reply()
     try:
         if not _by_template(body, reply):

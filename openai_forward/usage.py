@@ -319,7 +319,10 @@ def _string(quoted: bytes) -> str | None:
 
 _USAGE_OBJECT = re.compile(rb'"usage"[ \t]*:[ \t]*\{')
 _USAGE_NULL = re.compile(rb'"usage"[ \t]*:[ \t]*null')
-_NULL_TAIL = b',"usage":null}\n\n'  # how OpenAI ends every chunk of a stream asked for usage
+# how OpenAI ends a chunk of a stream asked for usage: this member, then (by default) a
+# random "obfuscation" string, then the end of the chunk
+_USAGE_NULL_MEMBER = b',"usage":null'
+_OBFUSCATION = b',"obfuscation":"'
 _EOL = (b"\n", b"\r")
 _EOL_BYTES = (10, 13)
 _BLANKS = (32, 9)
@@ -400,11 +403,12 @@ class StreamUsage:
         if self.overflow:
             return data
         if self._strip:
-            # The common piece in strip mode: one whole chunk event that ends with the
-            # member include_usage added. Cut it and send the rest: no line machinery, no
-            # regex. (A chunk ending so is not the usage event: that one has an object.)
+            # The common piece in strip mode: one whole chunk event whose last member is the
+            # one include_usage added, or which ends with it and then OpenAI's random
+            # "obfuscation" string. Cut it and send the rest: no line machinery, no regex.
+            # (Such a chunk is not the usage event: that one has an object.)
             if (
-                data.endswith(_NULL_TAIL)
+                data.endswith(b"}\n\n")
                 and self.model is not None
                 and self._event == _OPEN
                 and not self._partial
@@ -415,7 +419,15 @@ class StreamUsage:
                 and data.find(b"\r") < 0
                 and size <= self._line_cap
             ):
-                return data[: -len(_NULL_TAIL)] + b"}\n\n"
+                at = data.rfind(_USAGE_NULL_MEMBER)
+                if at > 0:
+                    rest = data[at + len(_USAGE_NULL_MEMBER) :]
+                    if rest == b"}\n\n" or (
+                        rest.startswith(_OBFUSCATION)
+                        and rest.find(b'"', len(_OBFUSCATION)) == len(rest) - 4
+                        and rest[-5] != 92  # no backslash before the closing quote
+                    ):
+                        return data[:at] + rest
             return self._strip_piece(data)
         # The common piece: whole lines, model known, no usage object. A substring test is
         # cheaper than the regex, which only runs when "usage" is there at all.

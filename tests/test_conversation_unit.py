@@ -531,6 +531,7 @@ def _plain_stream(
     usage: bool,
     usage_null: bool = False,
     ascii_escapes: bool = False,
+    padding: bool = False,
 ) -> bytes:
     """A chat stream as OpenAI sends it. ``usage_null``: every chunk ends with
     ``"usage":null`` (stream_options.include_usage); ``ascii_escapes``: non-ASCII text
@@ -549,6 +550,8 @@ def _plain_stream(
     if usage:
         counts = {"prompt_tokens": 3, "completion_tokens": len(texts), "total_tokens": 9}
         chunks.append({**base, "choices": [], "usage": counts})
+    if padding:  # OpenAI's "obfuscation": random, different in every chunk
+        chunks = [{**c, "obfuscation": "Pad" * (i % 4) + str(i)} for i, c in enumerate(chunks)]
     if ascii_escapes:
         encoded = [json.dumps(c, separators=(",", ":")).encode() for c in chunks]
     else:
@@ -581,6 +584,7 @@ _HOSTILE_TEXT = st.one_of(
     usage=st.booleans(),
     usage_null=st.booleans(),
     ascii_escapes=st.booleans(),
+    padding=st.booleans(),
 )
 def test_plain_chat_reply_equals_the_assembler(
     texts: list[str],
@@ -589,21 +593,25 @@ def test_plain_chat_reply_equals_the_assembler(
     usage: bool,
     usage_null: bool,
     ascii_escapes: bool,
+    padding: bool,
 ) -> None:
     """Quotes, backslashes, line breaks and any Unicode in the text: the template cut (or
     its fallback, event by event) gives exactly what the chunk-by-chunk assembler gives."""
-    data = _plain_stream(texts, role, finish, usage, usage_null, ascii_escapes)
+    data = _plain_stream(texts, role, finish, usage, usage_null, ascii_escapes, padding)
     fast = plain_chat_reply(data)
     assert fast is not None
     assert fast == _assembled(data)
 
 
-def test_a_long_plain_stream_is_read_by_the_template_cut() -> None:
-    """50 text chunks like OpenAI's: the cut reads them all (only the first, the finish
-    and the usage events are parsed on their own), and gives the assembler's reply."""
+@pytest.mark.parametrize("padding", [False, True])
+def test_a_long_plain_stream_is_read_by_the_template_cut(padding: bool) -> None:
+    """50 text chunks like OpenAI's, with its random padding or without: the cut reads them
+    all (only the first, the finish and the usage events are parsed on their own), and
+    gives the assembler's reply."""
     import openai_forward.plainreply as plainreply
 
-    data = _plain_stream([f" tok{i}" for i in range(50)], True, "stop", True, usage_null=True)
+    texts = [f" tok{i}" for i in range(50)]
+    data = _plain_stream(texts, True, "stop", True, usage_null=True, padding=padding)
     parsed: list[bytes] = []
     real = plainreply.orjson.loads
 

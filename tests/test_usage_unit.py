@@ -568,6 +568,10 @@ def chat_streams(draw: st.DrawFn) -> tuple[Lines, Usage | None, bool]:
             members = _chunk_members(draw)
             with_null = list(members)
             with_null.insert(draw(st.integers(0, len(members))), ("usage", None))
+            if draw(st.booleans()):  # OpenAI's random padding, last (by default since 2025)
+                padding = ("obfuscation", draw(st.text(alphabet='aZ09+/"\\é', max_size=12)))
+                members.append(padding)
+                with_null.append(padding)
             sent = data + _member_json(with_null, ascii_only)
             lines.event(prefix, sent, data + _member_json(members, ascii_only))
         elif kind == "comment":
@@ -674,3 +678,33 @@ def test_keeping_every_piece_for_the_log_finds_the_same_usage(size: int) -> None
         assert kept is not None and b"".join(kept) == body
     else:
         assert kept is None  # past the size asked for: head and tail only, as usual
+
+
+def test_openai_chunks_with_obfuscation_take_the_strip_fast_path() -> None:
+    """OpenAI ends a chunk of a stream asked for usage with "usage":null and, by default,
+    a random "obfuscation" string. Such a chunk is cut without the line machinery (only the
+    first chunk, whose model is not known yet, and the usage event go through it), and the
+    client gets each chunk without the usage member, padding kept."""
+    slow: list[bytes] = []
+
+    class Counting(StreamUsage):
+        def _strip_piece(self, data: bytes) -> bytes:
+            slow.append(data)
+            return super()._strip_piece(data)
+
+    def chunk(i: int, usage: str) -> bytes:
+        return (
+            b'data: {"id":"c","object":"chat.completion.chunk","model":"gpt-4o","choices":'
+            b'[{"index":0,"delta":{"content":"t%d"},"finish_reason":null}]%b'
+            b',"obfuscation":"Xy%d"}\n\n' % (i, usage.encode(), i)
+        )
+
+    events = [chunk(i, ',"usage":null') for i in range(20)]
+    counts = b'{"prompt_tokens":3,"completion_tokens":20,"total_tokens":23}'
+    final = b'data: {"id":"c","choices":[],"usage":%b}\n\n' % counts
+    observer = Counting(strip=True)
+    out = [observer.feed(e) for e in events] + [observer.feed(final), observer.end()]
+    assert out[:20] == [chunk(i, "") for i in range(20)]
+    assert out[20:] == [b"", b""]  # the usage event is the gateway's: dropped
+    assert observer.usage == Usage(3, 20)
+    assert slow == [events[0], final]
