@@ -122,9 +122,8 @@ class Admission:
         self._templates: dict[tuple[object, ...], _Template] = {}
         self._prices: dict[str | None, Price | None] = {}
         self.token_rules = any(r.limits.tpm or r.models for r in self.rules)
-        self.by_scope = {s: any(r.scope == s for r in self.rules) for s in ("key", "ip")}
-        self._key_scope = self.by_scope["key"]
-        self._ip_scope = self.by_scope["ip"]
+        self._key_scope = any(r.scope == "key" for r in self.rules)
+        self._ip_scope = any(r.scope == "ip" for r in self.rules)
         self._by_route = any(r.routes for r in self.rules)
         self._by_model = any(r.models for r in self.rules)
 
@@ -202,9 +201,9 @@ class Admission:
 
     def _subjects(self, req: Request, identity: ForwardKey | None) -> dict[str, str]:
         subjects = {"global": "global"}
-        if self.by_scope["key"]:
+        if self._key_scope:
             subjects["key"] = _subject_of_client(req, identity)
-        if self.by_scope["ip"]:
+        if self._ip_scope:
             subjects["ip"] = "ip:" + (req.client_ip or req.client.peer)
         return subjects
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 
 def bind_plainly() -> None:
-    """Make sqlite3 bind None, bytes and booleans without its adaptation protocol.
+    """Make sqlite3 bind None and bytes without its adaptation protocol.
 
     CPython's sqlite3 adapts every parameter that is not exactly int, float, str or
     bytearray: it looks ``__adapt__`` up on its protocol type, and the failed lookup formats
@@ -18,7 +18,6 @@ def bind_plainly() -> None:
     ``bytes(b)`` is ``b`` itself."""
     sqlite3.register_adapter(type(None), {}.get)  # type: ignore[arg-type]  # C, returns None
     sqlite3.register_adapter(bytes, bytes)
-    sqlite3.register_adapter(bool, int)  # the usage rows' flags: 0 or 1, from C
 
 
 def create_private(path: str) -> None:
