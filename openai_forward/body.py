@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,12 +33,13 @@ WATCHED = frozenset(
 # Every raw "name" of WATCHED. Without a \u00 escape (the only way JSON can spell an ASCII
 # letter differently; no other escape yields a letter or "_") a repeated member shows up as a
 # repeated raw "name".
+# The alternatives are factored by their first letters, so that at most quotes of a body the
+# regex fails on one byte instead of trying eight names (a third of the cost of the scan).
 _NAMES = re.compile(
-    rb'"(?:model|stream|n|max_tokens|max_completion_tokens|max_output_tokens|stream_options'
-    rb'|include_usage)"'
+    rb'"(?:m(?:odel|ax_(?:tokens|completion_tokens|output_tokens))|s(?:tream(?:_options)?)'
+    rb'|n|include_usage)"'
 )
 _ESCAPE = re.compile(rb"\\u00")  # a regex finds this literal faster than bytes.find
-_MAX_TOKENS_KEYS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 _FLAG = b'"stream_options":{"include_usage":true}'
 
 
@@ -109,23 +109,21 @@ def _facts(obj: dict[str, Any]) -> RequestFacts:
     model = get("model")
     options = get("stream_options")
     n = get("n")
+    # the first of the max_*tokens names that is set (inline: a call costs more than this);
+    # null reads as absent: SDKs send it for "not set", and the next name may be set
+    most = get("max_completion_tokens")
+    if most is None:
+        most = get("max_tokens")
+        if most is None:
+            most = get("max_output_tokens")
     return RequestFacts(  # positional: measurably cheaper than keywords on this path
         model if type(model) is str else None,
         get("stream") is True,
         type(options) is dict and options.get("include_usage") is True,
-        _max_tokens(get),
+        most if type(most) is int and most >= 0 else None,
         n if type(n) is int and n >= 1 else 1,
         obj,
     )
-
-
-def _max_tokens(get: Callable[[str], Any]) -> int | None:
-    # null reads as absent: SDKs send it for "not set", and the next name may be set.
-    for key in _MAX_TOKENS_KEYS:
-        value = get(key)
-        if value is not None:
-            return value if type(value) is int and value >= 0 else None
-    return None
 
 
 def with_include_usage(body: bytes, facts: RequestFacts) -> bytes:

@@ -48,7 +48,7 @@ def usage_from_obj(obj: object) -> Usage | None:
     everywhere means no usage; one that is not a non-negative int (bool included) reads as 0.
     Never raises.
     """
-    if not isinstance(obj, dict):
+    if type(obj) is not dict:
         return None
     get = obj.get
     prompt = get("prompt_tokens")
@@ -62,23 +62,23 @@ def usage_from_obj(obj: object) -> Usage | None:
         if prompt is None and total is None:
             return None
         completion = max(_count(total) - _count(prompt), 0)
+    # the counts and details read inline (a call each would cost more than the reading):
+    # type() rather than isinstance, so a bool is not a count
+    details = get("prompt_tokens_details") or get("input_tokens_details")
+    cached = details.get("cached_tokens") if type(details) is dict else 0
+    details = get("completion_tokens_details") or get("output_tokens_details")
+    reasoning = details.get("reasoning_tokens") if type(details) is dict else 0
     return Usage(
-        _count(prompt),
-        _count(completion),
-        _detail(get("prompt_tokens_details") or get("input_tokens_details"), "cached_tokens"),
-        _detail(
-            get("completion_tokens_details") or get("output_tokens_details"), "reasoning_tokens"
-        ),
+        prompt if type(prompt) is int and prompt > 0 else 0,
+        completion if type(completion) is int and completion > 0 else 0,
+        cached if type(cached) is int and cached > 0 else 0,
+        reasoning if type(reasoning) is int and reasoning > 0 else 0,
     )
 
 
 def _count(value: object) -> int:
     # type() rather than isinstance: a bool is not a count (and this is cheaper)
     return value if type(value) is int and value > 0 else 0
-
-
-def _detail(details: object, name: str) -> int:
-    return _count(details.get(name)) if isinstance(details, dict) else 0
 
 
 # --------------------------------------------------------------------------------------------
