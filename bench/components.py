@@ -95,6 +95,7 @@ def _pieces() -> dict[str, Callable[[], object]]:
     capture.settle()
     capture.valid = shared.whole_object
     events = eventlog.EventLog(config)
+    head = eventlog.json_line(ROW)
 
     def write_logs() -> None:  # one event's share of a 256-event batch, as the writer does it
         events._write([(ROW, capture)] * 256)
@@ -121,7 +122,7 @@ def _pieces() -> dict[str, Callable[[], object]]:
         "admit_settle": admit_settle,
         "row_insert": insert_rows,
         "access_line": lambda: eventlog.json_line(ROW),
-        "conversation_record": lambda: eventlog.conversation_record(ROW, capture, 1 << 20),
+        "conversation_line": lambda: eventlog.conversation_line(ROW, capture, 1 << 20, head),
         "log_write": write_logs,
     }
 

@@ -22,7 +22,7 @@ import logging
 import sys
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import orjson
 
@@ -176,19 +176,20 @@ def _iso(ts: float) -> str:
     return second + _MILLIS[int((ts - whole) * 1000)]
 
 
-def conversation_record(row: UsageRow, capture: Capture, cap: int) -> dict[str, Any] | None:
-    """The conversation log's record of a request; None if its body is not a JSON object."""
+def conversation_line(row: UsageRow, capture: Capture, cap: int, head: bytes) -> bytes | None:
+    """The conversation log's line of a request: its access line's fields (``head``, the
+    JSON line of ``row``), then ``request`` and ``reply``; None if the body is not a JSON
+    object. The body, and an answer already read as one JSON object, go into the line as
+    they came, not serialised again."""
     try:
         request = orjson.loads(capture.body)
     except orjson.JSONDecodeError:
         return None
-    if not isinstance(request, dict):
+    if type(request) is not dict:
         return None
-    # valid JSON goes into the record as it is, not serialised again
-    body = orjson.Fragment(_one_line(capture.body))
-    path = row["path"]
-    reply = None
+    reply: Any = None
     if row["status"] < 300 and capture.pieces:
+        path = row["path"]
         if not capture.stream:
             reply = _plain_reply(path, capture)
         elif path == CHAT and not capture.truncated and capture.encoding in _PLAIN:
@@ -200,28 +201,16 @@ def conversation_record(row: UsageRow, capture: Capture, cap: int) -> dict[str, 
             reply = assembler.result()
         if capture.truncated:
             reply = {**(reply if isinstance(reply, dict) else {}), "truncated": True}
-    usage = None
-    if row["prompt_tokens"] or row["completion_tokens"]:
-        usage = {
-            "prompt_tokens": row["prompt_tokens"],
-            "completion_tokens": row["completion_tokens"],
-            "estimated": _BOOL[row["estimated"]],
-        }
-    return {
-        "ts": row["time"],
-        "request_id": row["request_id"],
-        "key_id": row["key_id"],
-        "key_name": row["key_name"],
-        "route": row["route"],
-        "path": path,
-        "upstream": row["upstream"],
-        "model": row["model"],
-        "status": row["status"],
-        "error": row["error_code"],
-        "request": body,
-        "reply": reply,
-        "usage": usage,
-    }
+    return b"".join(
+        (
+            head[:-2],  # without its closing brace and line break
+            b',"request":',
+            _one_line(capture.body),
+            b',"reply":',
+            reply if type(reply) is bytes else orjson.dumps(reply),
+            b"}\n",
+        )
+    )
 
 
 _PLAIN = (b"", b"identity")
@@ -233,8 +222,9 @@ def _plain_reply(path: str, capture: Capture) -> Any:
     usage observer already read as a JSON object goes in as it came, unparsed."""
     if capture.truncated or capture.encoding not in _PLAIN:
         return None
-    if capture.valid:
-        return orjson.Fragment(_one_line(b"".join(capture.pieces)))
+    if capture.valid:  # as it came: bytes, not serialised again
+        pieces = capture.pieces
+        return _one_line(pieces[0] if len(pieces) == 1 else b"".join(pieces))
     try:
         obj = orjson.loads(b"".join(capture.pieces))
     except orjson.JSONDecodeError:
@@ -376,7 +366,7 @@ class EventLog:
     # the writer thread
 
     def _write(self, events: list[Event]) -> None:
-        made: dict[Callable[[UsageRow], bytes], list[bytes]] = {}
+        made: dict[Callable[[UsageRow], bytes], list[bytes | None]] = {}
         for target, line in self.access:  # each format made once, written to its targets
             lines = made.get(line)
             if lines is None:
@@ -384,41 +374,48 @@ class EventLog:
             self._emit(target, lines)
         if self.conversations:
             cap = self.config.conversation_max_bytes
-            lines = []
-            for row, capture in events:
-                if capture is not None:
-                    try:
-                        record = conversation_record(row, capture, cap)
-                        if record is not None:
-                            lines.append(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
-                    except (TypeError, ValueError):  # not encodable: this record only
-                        self._unwritable(row)
-            self._emit(self.conversations, lines)
+            # a conversation line starts as its access line: made once for both
+            heads = made.get(json_line)
+            out: list[bytes | None] = []
+            for i, (row, capture) in enumerate(events):
+                if capture is None:
+                    continue
+                try:
+                    head = heads[i] if heads is not None else json_line(row)
+                    if head is not None:
+                        out.append(conversation_line(row, capture, cap, head))
+                except (TypeError, ValueError):  # not encodable: this record only
+                    self._unwritable(row)
+            self._emit(self.conversations, out)
 
-    def _lines(self, line: Callable[[UsageRow], bytes], events: list[Event]) -> list[bytes]:
+    def _lines(self, line: Callable[[UsageRow], bytes], events: list[Event]) -> list[bytes | None]:
+        """One line per event, in order; None for an event that cannot be written."""
         try:
             return [line(row) for row, _ in events]
         except (TypeError, ValueError):  # one event cannot be written: the others can
-            out = []
+            out: list[bytes | None] = []
             for row, _ in events:
                 try:
                     out.append(line(row))
                 except (TypeError, ValueError):
                     self._unwritable(row)
+                    out.append(None)
             return out
 
     def _unwritable(self, row: UsageRow) -> None:
         self.dropped += 1
         log.warning("logs: request %s could not be written down", row["request_id"])
 
-    def _emit(self, target: str, lines: list[bytes]) -> None:
+    def _emit(self, target: str, made: list[bytes | None]) -> None:
+        # None: an event that could not be written (or whose body is not JSON)
+        lines = [line for line in made if line is not None] if None in made else made
         if not lines:
             return
         try:
             sink = self._sinks.get(target)
             if sink is None:
                 sink = self._sinks[target] = open_sink(target, self.config)
-            sink.write(lines)
+            sink.write(cast("list[bytes]", lines))
         except OSError as exc:
             self.dropped += len(lines)
             if not self._failing:

@@ -1,10 +1,10 @@
 """Fine-tuning data from the conversation log: ``openai-forward logs export``.
 
-The conversation log holds one JSON object per line (written by the gateway)::
-
-    {"ts", "request_id", "key_id", "key_name", "route", "path", "upstream", "model",
-     "status", "request": <the request's JSON body>, "reply": <ReplyAssembler.result()>,
-     "usage"}
+The conversation log holds one JSON object per line (written by the gateway): the request's
+access-log fields (``time``, ``request_id``, ``key_id``, ``key_name``, ``path``, ``model``,
+``status``, ``error_code``, the token counts...), then ``request`` (the request's JSON body)
+and ``reply`` (``ReplyAssembler.result()``, or the answer as it came). Lines of earlier
+versions, with ``ts`` (Unix seconds) and ``error`` instead, are read too.
 
 :func:`export` reads such files, filters the records and writes them out as OpenAI's chat
 fine-tuning JSONL (one training example per successful chat completion) or as the records
@@ -160,8 +160,8 @@ def _selected(
     model: str | None,
 ) -> bool:
     if since is not None or until is not None:
-        ts = record.get("ts")
-        if not isinstance(ts, (int, float)) or isinstance(ts, bool):
+        ts = _record_time(record)
+        if ts is None:
             return False
         if (since is not None and ts < since) or (until is not None and ts >= until):
             return False
@@ -175,10 +175,27 @@ def _selected(
     return True
 
 
+def _record_time(record: dict[str, Any]) -> float | None:
+    """When the request started, in Unix seconds: its ``time`` (ISO 8601, as the access log
+    writes it), or the ``ts`` of an earlier version's line; None if neither is readable."""
+    ts = record.get("ts")
+    if isinstance(ts, (int, float)) and not isinstance(ts, bool):
+        return float(ts)
+    text = record.get("time")
+    if not isinstance(text, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment.timestamp() if moment.tzinfo is not None else None
+
+
 def _chat_example(record: dict[str, Any]) -> dict[str, Any] | None:
     """The fine-tuning example of one logged chat completion, or None if it is not one."""
     request, reply = record.get("request"), record.get("reply")
-    if record.get("path") != CHAT or record.get("status") != 200 or record.get("error"):
+    failed = record.get("error_code") or record.get("error")  # "error": an earlier version's
+    if record.get("path") != CHAT or record.get("status") != 200 or failed:
         return None
     if type(request) is not dict or type(reply) is not dict or reply.get("truncated"):
         return None

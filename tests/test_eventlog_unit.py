@@ -90,3 +90,45 @@ def test_a_shared_capture_keeps_what_its_own_keep_would_have_kept() -> None:
                 own.size,
                 own.truncated,
             ), (type(observer).__name__, cap)
+
+
+def write_batch(tmp_path: Path, access: str, events: list[Event]) -> list[dict[str, object]]:
+    """The conversation log's lines of one batch written by the writer thread's code."""
+    path = tmp_path / "c.jsonl"
+    config = load({}, None, {"access_log": access, "conversation_log": str(path)})
+    log = EventLog(config)
+    log._write(events)
+    log._close_sinks()
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_conversation_line_is_its_access_line_with_the_request_and_the_reply(
+    tmp_path: Path,
+) -> None:
+    answer = b'{\n  "id": "chatcmpl-1",\n  "choices": [],\n  "usage": {"prompt_tokens": 3}\n}'
+    capture = Capture(b'{"model": "gpt-4o",\r\n "messages": []}', False, b"", 1 << 20)
+    capture.keep(answer)
+    capture.valid = True  # the usage observer read it as one object: it goes in as it came
+    one = row(1)
+    for access in ("off", str(tmp_path / "a.jsonl"), "stdout"):
+        (record,) = write_batch(tmp_path, access, [(one, capture)])
+        (tmp_path / "c.jsonl").unlink()
+        reply = record.pop("reply")
+        request = record.pop("request")
+        assert record == json.loads(json_line(one))  # every field of the access line
+        assert request == {"model": "gpt-4o", "messages": []}
+        assert reply == json.loads(answer)
+
+
+def test_an_event_whose_line_cannot_be_made_costs_only_its_own_lines(tmp_path: Path) -> None:
+    bad = row(2)
+    bad["model"] = b"\xff"  # not encodable as JSON text: its lines are dropped, counted
+    lines = write_batch(
+        tmp_path, str(tmp_path / "a.jsonl"), [event(1), (bad, event(2)[1]), event(3)]
+    )
+    assert [r["request_id"] for r in lines] == [row(1)["request_id"], row(3)["request_id"]]
+    access = (tmp_path / "a.jsonl").read_text().splitlines()
+    assert [json.loads(line)["request_id"] for line in access] == [
+        row(1)["request_id"],
+        row(3)["request_id"],
+    ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -109,20 +110,31 @@ def recorded_reply() -> dict[str, Any]:
     return reply
 
 
-def record(**overrides: Any) -> dict[str, Any]:
+def at(seconds: float) -> str:
+    """A moment as the access log (and so the conversation log) writes it."""
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def record(ts: float = 1_760_000_000.0, **overrides: Any) -> dict[str, Any]:
+    """A conversation log line as the gateway writes it: the access line's fields, then the
+    request and the reply."""
     base = {
-        "ts": 1_760_000_000.0,
+        "time": at(ts),
         "request_id": "req-1",
+        "client_ip": "127.0.0.1",
+        "method": "POST",
+        "path": CHAT,
+        "route": "/",
+        "status": 200,
         "key_id": "k1",
         "key_name": "team-a",
-        "route": "/",
-        "path": CHAT,
         "upstream": "openai",
         "model": "gpt-4o-2024-08-06",
-        "status": 200,
+        "prompt_tokens": 50,
+        "completion_tokens": 9,
+        "error_code": None,
         "request": REQUEST,
         "reply": recorded_reply(),
-        "usage": {"prompt_tokens": 50, "completion_tokens": 9, "total_tokens": 59},
     }
     return {**base, **overrides}
 
@@ -292,6 +304,27 @@ def test_filters_select_by_time_key_and_model(tmp_path):
     assert ids(model="gpt-4o-2024-08-06") == ["a", "c"]  # or the one that answered
     _, stats = run([log], fmt="jsonl", key="nobody")
     assert stats.filtered == 3
+
+
+def test_lines_of_an_earlier_version_with_ts_and_error_are_read(tmp_path):
+    log = tmp_path / "c.jsonl"
+    old = [
+        {k: v for k, v in record(request_id=rid).items() if k not in ("time", "error_code")}
+        | {"ts": ts, "error": error}
+        for rid, ts, error in (("a", 100.0, None), ("b", 200.0, None), ("c", 300.0, "cut"))
+    ]
+    write_log(log, old)
+    found, stats = run([log], fmt="jsonl", since=150.0)
+    assert [r["request_id"] for r in found] == ["b", "c"]
+    examples, stats = run([log])
+    assert len(examples) == 2 and stats.unusable == 1  # "c" failed: not a training example
+
+
+def test_a_time_that_cannot_be_read_is_left_out_by_a_time_filter(tmp_path):
+    log = tmp_path / "c.jsonl"
+    write_log(log, [record(request_id="a", time="yesterday"), record(request_id="b", ts=500.0)])
+    found, stats = run([log], fmt="jsonl", since=100.0)
+    assert [r["request_id"] for r in found] == ["b"] and stats.filtered == 1
 
 
 def test_jsonl_gives_the_records_as_logged(tmp_path):

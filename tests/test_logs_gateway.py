@@ -230,7 +230,7 @@ def test_a_streamed_conversation_with_tool_calls_is_logged_and_exported(
         ("call_a", "get_weather", '{"city": "Paris"}'),
         ("call_b", "get_time", '{"tz": "CET"}'),
     ]
-    assert record["usage"]["prompt_tokens"] == 30
+    assert record["prompt_tokens"] == 30 and record["estimated"] is False
 
     out = tmp_path / "train.jsonl"
     done = run_cli("logs", "export", "--file", str(conv), "--output", str(out))
