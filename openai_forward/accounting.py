@@ -301,6 +301,8 @@ class Meter:
                 capture.settle()
             if isinstance(acct.observer, JsonUsage):
                 capture.valid = acct.observer.whole_object  # parsed already: not again
+            # the facts were read from these very bytes: a JSON object, not to check again
+            capture.body_read = acct.facts is not None and acct.body is acct.log_body
         hit = acct.hit is not None
         charge = acct.charge
         cost: float | None = None
