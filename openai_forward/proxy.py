@@ -367,7 +367,9 @@ class Proxy:
 
     def _wants_body(self, req: Request, route: Route, strict: bool) -> bool:
         if strict:
-            return not _is_multipart(req)  # an upload's model is a form field: not read
+            # an upload's model is a form field: not read. The token endpoints take JSON
+            # only, so their bodies are read as JSON whatever they claim (no header scan)
+            return req.path in TOKEN_PATHS or not _is_multipart(req)
         # token endpoints take JSON: no need to look for an upload
         if req.method != b"POST" or req.path not in TOKEN_PATHS:
             return False

@@ -510,8 +510,9 @@ def test_a_key_scoped_to_models_may_use_those_models_only(fk, upstream):
     )
     assert chunked.status_code == 403
     assert chunked.json()["error"]["code"] == "model_not_allowed"
-    # a mislabelled body is still read as JSON: the scope cannot be slipped past
-    for content_type in ("text/plain", None):
+    # a mislabelled body is still read as JSON: the scope cannot be slipped past (a token
+    # endpoint takes JSON only, so even a multipart label is read as JSON there)
+    for content_type in ("text/plain", None, "multipart/form-data; boundary=x"):
         headers = bearer(fk.keys.mini_only)
         if content_type:
             headers["Content-Type"] = content_type
