@@ -154,6 +154,8 @@ class Meter:
         self.capture_cap = config.conversation_max_bytes
         self.conversing = log_target(config.conversation_log) is not None
         self._chosen = bool(config.conversation_keys or config.conversation_routes)
+        # every request to a conversation path is logged: no per-request choice to make
+        self.every_conversation = self.conversing and not self._chosen
         self.admission = Admission(config)
         self.store = store
         # request ids: a random prefix per worker and a counter (cheap, and sequential in

@@ -351,14 +351,27 @@ def rate_headers(states: list[BucketState]) -> list[bytes]:
     return lines
 
 
+_RATE_LINES = {
+    suffix: b"x-ratelimit-limit-%b: %%d\r\nx-ratelimit-remaining-%b: %%d\r\nx-ratelimit-reset-%b: "
+    % (suffix, suffix, suffix)
+    for suffix in (b"requests", b"tokens")
+}
+# the usual case, a bucket with room that refills within the second: one format, no call
+_RATE_LINES_MS = {suffix: lines + b"%dms" for suffix, lines in _RATE_LINES.items()}
+_RATE_LINES_TEXT = {suffix: lines + b"%b" for suffix, lines in _RATE_LINES.items()}
+
+
 def _rate_lines(suffix: bytes, tight: BucketState) -> bytes:
     reset = tight.reset
-    # the usual case, a bucket with room that refills within the second, without a call
-    text = b"%dms" % math.ceil(reset * 1000) if 0 <= reset < 1 else format_reset(reset).encode()
-    return (
-        b"x-ratelimit-limit-%b: %d\r\nx-ratelimit-remaining-%b: %d\r\nx-ratelimit-reset-%b: %b"
-        % (suffix, int(tight.bucket.limit), suffix, int(tight.remaining), suffix, text)
-    )
+    # %d writes a float's integer part, as int() would
+    if 0 <= reset < 1:
+        return _RATE_LINES_MS[suffix] % (
+            tight.bucket.limit,
+            tight.remaining,
+            math.ceil(reset * 1000),
+        )
+    text = format_reset(reset).encode()
+    return _RATE_LINES_TEXT[suffix] % (tight.bucket.limit, tight.remaining, text)
 
 
 def refusal(decision: Decision) -> GatewayError:

@@ -273,7 +273,14 @@ class LocalStore:
                 left = b.limit - new
                 states.append(BucketState(b, left if left > 0.0 else 0.0, b.period))
             else:  # concurrent_admit over _live
-                live = self._live(b, now) if self._leases.get(b.name) else 0
+                leases = self._leases.get(b.name)
+                live = 0
+                if leases:
+                    live = len(leases)
+                    # _live() only when a lease may have expired (the oldest comes first)
+                    # or the count would refuse
+                    if next(iter(leases.values())) <= now or live + 1 > b.limit:
+                        live = self._live(b, now)
                 if live + 1 > b.limit:
                     break
                 new = live + 1

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import errors
 from .access import AccessRules
-from .accounting import TOKEN_PATHS, USAGE_OPTION_PATHS, Account, Meter
+from .accounting import CONVERSATION_PATHS, TOKEN_PATHS, USAGE_OPTION_PATHS, Account, Meter
 from .admission import Charge, rate_headers, refusal
 from .auth import (
     CREDENTIAL_HEADERS,
@@ -390,7 +390,13 @@ class Proxy:
         try:
             body = b"".join(req.pending or ())
             acct = relay.acct
-            if acct is not None and self.meter.conversing and self.meter.converses(req, route):
+            meter = self.meter
+            if (
+                acct is not None
+                and meter.conversing
+                and req.path in CONVERSATION_PATHS
+                and (meter.every_conversation or meter.converses(req, route))
+            ):
                 acct.log_body = body
                 acct.capture_cap = self.meter.capture_cap
             if not strict:
