@@ -17,6 +17,11 @@ Each target is ``NAME=ENV...``: environment settings for ``python -m openai_forw
 (a space-separated list of KEY=VALUE, paths absolute; the first target is the baseline).
 The per-run JSON files and the summary go to ``--out`` (default
 ``bench/results/paired-<timestamp>/``).
+
+To compare two checkouts (Python 3.11+), give each target ``PYTHONSAFEPATH=1 PYTHONPATH=DIR``
+(the gateway runs from this repository, whose own package would otherwise come first).
+``--pair A/B`` also reports the median per-round ratio of any two targets (say, logging on
+to off of the same checkout); ``--report DIR`` prints a finished run's summary again.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 GATEWAY = "{python} -m openai_forward run --host {host} --port {port}"
@@ -81,13 +87,25 @@ def summary(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, obje
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("targets", nargs="+", help="NAME=ENV... (the first is the baseline)")
+    ap.add_argument("targets", nargs="*", help="NAME=ENV... (the first is the baseline)")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--phases", default="c32,stream")
     ap.add_argument("--out", help="folder for the runs and summary.json")
+    ap.add_argument(
+        "--pair",
+        action="append",
+        default=[],
+        metavar="A/B",
+        help="also report the median over rounds of A's ratio to B (repeatable)",
+    )
+    ap.add_argument("--report", metavar="DIR", help="print the summary.json of DIR; run nothing")
     args = ap.parse_args()
+    if args.report:
+        result = json.loads((Path(args.report) / "summary.json").read_text())
+        show(result, args.pair)
+        return
     targets = [t.split("=", 1) for t in args.targets]
-    if any(len(t) != 2 or not t[0] for t in targets):
+    if not targets or any(len(t) != 2 or not t[0] for t in targets):
         ap.error("a target is NAME=ENV...")
     out = Path(args.out or BENCH / "results" / f"paired-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
@@ -98,6 +116,13 @@ def main() -> None:
         print(f"round {round_}/{args.rounds} done", file=sys.stderr)
     result = summary(runs)
     (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    show(result, args.pair)
+    print(f"runs and summary: {out}")
+
+
+def show(result: dict[str, dict[str, Any]], pairs: list[str]) -> None:
+    """Print a summary: per phase, each target's median and its ratio to the baseline, then
+    the median per-round ratio of each ``A/B`` of ``pairs``."""
     for phase, rows in result.items():
         print(phase)
         for name, row in rows.items():
@@ -105,7 +130,10 @@ def main() -> None:
                 (f"  x{v} vs {k[9:]}" for k, v in row.items() if k.startswith("ratio")), ""
             )
             print(f"  {name:12s} median {row['median']:8.1f}  min {row['min']:8.1f}{ratio}")
-    print(f"runs and summary: {out}")
+        for pair in pairs:
+            a, _, b = pair.partition("/")
+            ratios = [x / y for x, y in zip(rows[a]["runs"], rows[b]["runs"], strict=True)]
+            print(f"  {pair:24s} x{statistics.median(ratios):.3f} (median of {len(ratios)} rounds)")
 
 
 if __name__ == "__main__":
