@@ -11,7 +11,8 @@ PY="${PYTHON:-python3}"
 N1=${N1:-20}
 N2=${N2:-220}
 count() {
-    valgrind --tool=callgrind --callgrind-out-file=/dev/null "$PY" "$BENCH/components.py" "$1" "$2" 2>&1 \
+    PYTHONHASHSEED=0 valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+        "$PY" "$BENCH/components.py" "$1" "$2" 2>&1 \
         | sed -n 's/.*Collected : \([0-9]*\).*/\1/p'
 }
 per_run() {  # a batch piece runs a tenth as often
