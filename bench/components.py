@@ -58,6 +58,11 @@ def _buckets() -> list[limits.Bucket]:
     ]
 
 
+def _floor(body: bytes) -> object:
+    obj = orjson.loads(body)
+    return usage_from_obj(obj.get("usage")), obj.get("model")
+
+
 def _pieces() -> dict[str, Callable[[], object]]:
     folder = tempfile.mkdtemp(prefix="of-components-")
     config = load(
@@ -137,6 +142,7 @@ def _pieces() -> dict[str, Callable[[], object]]:
         "answer_parse": lambda: orjson.loads(ANSWER),
         "usage_from_obj": lambda: usage_from_obj(USAGE_OBJ),
         "answer_usage": answer_usage,
+        "answer_usage_floor": lambda: _floor(ANSWER),
         "stream_usage": stream_usage,
         "body_facts": lambda: read_facts(BODY),
         "admit_settle": admit_settle,

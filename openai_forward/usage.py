@@ -122,22 +122,29 @@ class JsonUsage:
     )
 
     def __init__(self, encoding: bytes = b"") -> None:
-        name = encoding.strip().lower()
+        name = encoding.strip().lower() if encoding else b""  # most answers name none
         self._ok = name in _IDENTITY or name in (b"gzip", b"deflate")
         self._deflate = name == b"deflate"
         self._inflate: zlib._Decompress | None = None
         if name == b"gzip":
             self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._total = 0
+        # an uncompressed body's pieces while it is at most WHOLE bytes: a list append a
+        # piece, no head and tail kept apart (most answers end here, and never need those)
+        self._small: list[bytes] | None = None
+        if name in _IDENTITY:
+            self._small = []
+        else:
+            self._keep_apart()
+        self._limit = WHOLE  # the size past which the pieces are no longer all kept
+        self.whole_object = False  # result() parsed the whole (decoded) body: a JSON object
+
+    def _keep_apart(self) -> None:
+        """From now on keep a head and a tail of the decoded body, not every piece."""
         self._head: list[bytes] = []
         self._head_len = 0
         self._tail: deque[bytes] = deque()
         self._tail_len = 0
-        self._total = 0
-        # an uncompressed body's pieces while it is at most WHOLE bytes: a list append a
-        # piece, no head and tail kept apart (most answers end here)
-        self._small: list[bytes] | None = [] if name in _IDENTITY else None
-        self._limit = WHOLE  # the size past which the pieces are no longer all kept
-        self.whole_object = False  # result() parsed the whole (decoded) body: a JSON object
 
     def feed(self, data: bytes) -> None:
         """Take the next piece of the body as received (still encoded)."""
@@ -210,6 +217,7 @@ class JsonUsage:
         """Past WHOLE bytes: keep the head and the tail only, from now on."""
         self._small = None
         self._total = 0
+        self._keep_apart()
         for piece in small:
             self._add(piece)
 
@@ -224,11 +232,17 @@ class JsonUsage:
         small = self._small
         if small is not None:
             body = small[0] if len(small) == 1 else b"".join(small)
-            if len(body) <= WHOLE:
-                whole = _read_whole(body)
-                if whole is not None:
-                    self.whole_object = whole[2]
-                    return whole[0], whole[1]
+            if len(body) <= WHOLE:  # _read_whole(), inline: most answers end here
+                try:
+                    obj = orjson.loads(body)
+                except orjson.JSONDecodeError:
+                    obj = _NOT_JSON
+                if type(obj) is dict:
+                    self.whole_object = True
+                    model = obj.get("model")
+                    return usage_from_obj(obj.get("usage")), model if type(model) is str else None
+                if obj is not _NOT_JSON:
+                    return None, None
             tail = body[-TAIL:]
             return _find_usage(tail), _find_model(body[:HEAD]) or _find_last_model(tail)
         if not self._ok:
@@ -253,6 +267,9 @@ def _deflate_wbits(first: int) -> int:
     if first & 0x0F == 8 and first >> 4 <= 7:
         return zlib.MAX_WBITS
     return -zlib.MAX_WBITS
+
+
+_NOT_JSON = object()
 
 
 def _read_whole(body: bytes) -> tuple[Usage | None, str | None, bool] | None:
