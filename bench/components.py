@@ -29,6 +29,7 @@ import upstream  # noqa: E402
 from load import REQUEST_MESSAGES  # noqa: E402
 
 from openai_forward import admission, eventlog, limits, records  # noqa: E402
+from openai_forward.accounting import Account  # noqa: E402
 from openai_forward.body import read_facts  # noqa: E402
 from openai_forward.config import load  # noqa: E402
 from openai_forward.usage import JsonUsage, StreamUsage, usage_from_obj  # noqa: E402
@@ -93,37 +94,38 @@ def _pieces() -> dict[str, Callable[[], object]]:
         observer.end()
         return observer.usage
 
-    capture = eventlog.Capture(BODY, False, b"", config.conversation_max_bytes)
-    shared = JsonUsage(b"")
-    capture.share(shared, shared.kept)
-    shared.feed(ANSWER)
-    shared.result()
-    capture.settle()
-    capture.valid = shared.whole_object
+    cap = config.conversation_max_bytes
+
+    def answered(logged: bool) -> Account:  # a chat completion's account, its answer fed
+        acct = Account("req_gw_0123456789ab00000001", "/v1/chat/completions", "/", 0.0)
+        acct.body = BODY
+        if logged:
+            acct.log_body = BODY
+            acct.capture_cap = cap
+        acct.on_head(200, False, b"")
+        observer = acct.observer
+        assert observer is not None
+        observer.feed(ANSWER)
+        return acct
+
+    conv = answered(True)
+    assert isinstance(conv.observer, JsonUsage)
+    conv.observer.result()
     events = eventlog.EventLog(config)
     head = eventlog.json_line(ROW)
 
-    def log_on_loop() -> None:  # what the loop adds for a logged request (its capture)
-        observer = JsonUsage(b"")
-        kept = observer.kept
-        assert kept is not None
-        capture = eventlog.Capture(BODY, False, b"", config.conversation_max_bytes)
-        capture.share(observer, kept)
-        observer.feed(ANSWER)
-        capture.settle()
-        capture.valid = observer.whole_object
-        capture.body_read = False
-        events.add(ROW, capture)
+    def log_on_loop() -> None:  # a logged request on the loop: its account, its event
+        acct = answered(True)
+        events.add(ROW, acct if acct.encoding is not None and acct.log_body else None)
         if len(events._pending) >= 4096:
             events._pending.clear()
             events._captured = 0
 
-    def observe_only() -> None:  # the same answer observed without a capture
-        observer = JsonUsage(b"")
-        observer.feed(ANSWER)
+    def observe_only() -> None:  # the same request, its conversation not logged
+        answered(False)
 
     def write_logs() -> None:  # one event's share of a 256-event batch, as the writer does it
-        events._write([(ROW, capture)] * 256)
+        events._write([(ROW, conv)] * 256)
 
     store_ = limits.LocalStore()
     buckets = _buckets()
@@ -148,7 +150,7 @@ def _pieces() -> dict[str, Callable[[], object]]:
         "admit_settle": admit_settle,
         "row_insert": insert_rows,
         "access_line": lambda: eventlog.json_line(ROW),
-        "conversation_line": lambda: eventlog.conversation_line(ROW, capture, 1 << 20, head),
+        "conversation_line": lambda: eventlog.conversation_line(ROW, conv, 1 << 20, head),
         "observe_only": observe_only,
         "log_on_loop": log_on_loop,
         "log_write": write_logs,

@@ -21,7 +21,7 @@ from .admission import Admission, Charge, settle_deltas, usage_cost
 from .eventlog import Capture, EventLog, log_target
 from .limitconfig import price_for
 from .records import RecordWriter, usage_row
-from .usage import JsonUsage, StreamUsage, Usage
+from .usage import KEEP, JsonUsage, StreamUsage, Usage
 
 if TYPE_CHECKING:
     from .body import RequestFacts
@@ -58,6 +58,7 @@ class Account:
         "charge",
         "client_closed",
         "done",
+        "encoding",
         "facts",
         "final",
         "hit",
@@ -94,11 +95,14 @@ class Account:
         self.client_closed = False
         self.done = False
         self.sse = False  # the answer is an event stream
+        self.encoding: bytes | None = None  # its content-encoding, once it has begun
         self.cache: str | None = None  # "hit" or "miss" when the request took part
         self.hit: Entry | None = None  # the cache entry replayed instead of forwarding
         self.final: tuple[Usage, str | None] | None = None  # usage and model, once known
         self.log_body: bytes | None = None  # the body, when its conversation is logged
         self.capture_cap = 0  # answer bytes kept for the conversation log
+        # the answer's pieces for the conversation log when its usage observer does not
+        # keep them itself (an encoded answer, or one without an observer)
         self.capture: Capture | None = None
 
     def request_facts(self) -> RequestFacts | None:
@@ -114,22 +118,23 @@ class Account:
         return self.facts
 
     def on_head(self, status: int, sse: bool, encoding: bytes) -> None:
-        """The upstream answered: pick the observer that will find its usage."""
+        """The upstream answered: pick the observer that will find its usage (and keep the
+        answer's pieces, when its conversation is logged)."""
         self.sse = sse
-        if self.log_body is not None:
-            self.capture = Capture(self.log_body, sse, encoding, self.capture_cap)
+        self.encoding = encoding
         self.observer = None
+        logged = self.log_body is not None
         if status >= 300 or (self.body is None and self.facts is None):
+            if logged and status < 300:  # (an error's reply is not logged: nothing to keep)
+                self.capture = Capture(self.capture_cap)
             return
-        capture = self.capture
         if sse:
-            stream = self.observer = StreamUsage(strip=self.strip)
-            if capture is not None:
-                capture.share(stream, stream.kept)
+            keep = self.capture_cap if logged and self.capture_cap > KEEP else KEEP
+            self.observer = StreamUsage(self.strip, keep)
             return
-        json = self.observer = JsonUsage(encoding)
-        if capture is not None and json.kept is not None:
-            capture.share(json, json.kept)
+        json = self.observer = JsonUsage(encoding, self.capture_cap if logged else 0)
+        if logged and json.kept is None:  # encoded: the relay keeps the pieces as they come
+            self.capture = Capture(self.capture_cap)
 
 
 class Meter:
@@ -297,14 +302,6 @@ class Meter:
         acct.done = True
         usage, model = self._usage(acct, status)
         acct.final = usage, model
-        capture = acct.capture
-        if capture is not None:
-            if capture.shared is not None:
-                capture.settle()
-            if isinstance(acct.observer, JsonUsage):
-                capture.valid = acct.observer.whole_object  # parsed already: not again
-            # the facts were read from these very bytes: a JSON object, not to check again
-            capture.body_read = acct.facts is not None and acct.body is acct.log_body
         hit = acct.hit is not None
         charge = acct.charge
         cost: float | None = None
@@ -366,7 +363,8 @@ class Meter:
         if self.recording:
             self.writer.add(row)
         if self.logging:
-            self.events.add(row, acct.capture)
+            # a logged conversation that got an answer: the writer reads it off the account
+            self.events.add(row, acct if acct.encoding is not None and acct.log_body else None)
 
     def refused(self, req: Request, status: int, error_code: str, request_id: str) -> None:
         """A request answered with an error before it had an account (bad head, unknown

@@ -47,71 +47,50 @@ class Sink(Protocol):
 
 
 class Capture:
-    """A logged conversation's raw material, kept on the loop without parsing it: the
-    request body as the client sent it, and the answer's bytes as relayed, up to ``cap``."""
+    """A logged answer's bytes as relayed, up to ``cap``, when its usage observer does not
+    keep them itself (an encoded answer, or one without an observer)."""
 
-    __slots__ = (
-        "body",
-        "body_read",
-        "cap",
-        "encoding",
-        "pieces",
-        "shared",
-        "size",
-        "stream",
-        "truncated",
-        "valid",
-    )
+    __slots__ = ("cap", "pieces", "seen_bytes", "truncated")
 
-    def __init__(self, body: bytes, stream: bool, encoding: bytes, cap: int) -> None:
-        self.body = body
-        self.stream = stream  # the answer is text/event-stream
-        self.encoding = encoding  # its content-encoding
+    def __init__(self, cap: int) -> None:
         self.cap = cap
         self.pieces: list[bytes] = []
-        self.size = 0
+        self.seen_bytes = 0  # kept so far (the name the observers give it)
         self.truncated = False
-        self.valid = False  # the whole answer was read as a JSON object (decoded, if encoded)
-        self.body_read = False  # the body was read as a JSON object on the loop already
-        self.shared: StreamUsage | JsonUsage | None = None  # keeps the pieces (``share``)
 
     def keep(self, data: bytes) -> None:
-        size = self.size + len(data)
+        size = self.seen_bytes + len(data)
         if size > self.cap:
             self.truncated = True
             self.cap = -1  # nothing more fits
             return
         self.pieces.append(data)
-        self.size = size
+        self.seen_bytes = size
 
-    def share(self, observer: StreamUsage | JsonUsage, pieces: list[bytes]) -> None:
-        """Let the usage observer keep the pieces (``pieces``, its list: it keeps them
-        anyway, by reference): no second call per piece. ``settle`` takes them when the
-        answer ends."""
-        observer.keep_at_least(self.cap)
-        self.shared = observer
-        self.pieces = pieces
 
-    def settle(self) -> None:
-        """The answer ended: the pieces that fit ``cap``, as ``keep`` would have kept them
-        (the observer keeps whole pieces up to ``cap`` or a little past it)."""
-        observer = self.shared
-        if observer is None:
-            return
-        self.shared = None
-        pieces = self.pieces
-        size = len(pieces[0]) if len(pieces) == 1 else sum(map(len, pieces))
-        if observer.seen_bytes > self.cap:
-            self.truncated = True
-            pieces = self.pieces = list(pieces)
-            while pieces and size > self.cap:
-                size -= len(pieces.pop())
-        self.size = size
+class Conversation(Protocol):
+    """What the writer thread reads of a logged request: its account
+    (``accounting.Account``), which nothing changes once the request has ended."""
+
+    @property
+    def log_body(self) -> bytes | None: ...  # the request body as the client sent it
+    @property
+    def body(self) -> bytes | None: ...  # the body the loop parsed ``facts`` from, if it did
+    @property
+    def facts(self) -> object | None: ...
+    @property
+    def observer(self) -> JsonUsage | StreamUsage | None: ...  # keeps the answer's pieces ...
+    @property
+    def capture(self) -> Capture | None: ...  # ... when it can; else this does
+    @property
+    def sse(self) -> bool: ...  # the answer is text/event-stream
+    @property
+    def encoding(self) -> bytes | None: ...  # its content-encoding
 
 
 # One finished request as the logs see it: its usage row (the one the usage records get,
-# see records.UsageRow) and, when its conversation is logged, what was kept of it.
-Event = tuple[UsageRow, Capture | None]
+# see records.UsageRow) and, when its conversation is logged, the request's account.
+Event = tuple[UsageRow, Conversation | None]
 
 
 def json_line(row: UsageRow) -> bytes:
@@ -178,65 +157,92 @@ def _iso(ts: float) -> str:
     return second + _MILLIS[int((ts - whole) * 1000)]
 
 
-def conversation_line(row: UsageRow, capture: Capture, cap: int, head: bytes) -> bytes | None:
+def conversation_line(row: UsageRow, conv: Conversation, cap: int, head: bytes) -> bytes | None:
     """The conversation log's line of a request: its access line's fields (``head``, the
     JSON line of ``row``), then ``request`` and ``reply``; None if the body is not a JSON
     object. The body, and an answer already read as one JSON object, go into the line as
     they came, not serialised again."""
-    if not capture.body_read:
+    body = conv.log_body
+    assert body is not None
+    if conv.facts is None or conv.body is not body:  # else the loop read it as an object
         try:
-            request = orjson.loads(capture.body)
+            request = orjson.loads(body)
         except orjson.JSONDecodeError:
             return None
         if type(request) is not dict:
             return None
-    reply: Any = None
-    if row["status"] < 300 and capture.pieces:
-        reply = _reply(row["path"], capture, cap)
+    if 10 in body or 13 in body:  # LF, CR (ints: a bytes operand costs a raised TypeError)
+        body = _one_line(body)
     return b"".join(
         (
             head[:-2],  # without its closing brace and line break
             b',"request":',
-            _one_line(capture.body),
+            body,
             b',"reply":',
-            reply if type(reply) is bytes else orjson.dumps(reply),
+            _reply(row["path"], conv, cap) if row["status"] < 300 else b"null",
             b"}\n",
         )
     )
 
 
-def _reply(path: str, capture: Capture, cap: int) -> Any:
+def _reply(path: str, conv: Conversation, cap: int) -> bytes:
     """The record's reply: the answer's own JSON bytes when they can go in as they came,
-    else what to serialise (see the conversation log's docs)."""
-    pieces = capture.pieces
-    plain = capture.encoding in _PLAIN
-    if capture.valid and plain and not capture.truncated:
-        # the usage observer read this answer as one JSON object: it goes in as it came
-        return _one_line(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+    else what it serialises to (see the conversation log's docs)."""
+    capture = conv.capture
+    observer = conv.observer
+    if capture is not None:
+        pieces = capture.pieces
+        truncated = capture.truncated
+        valid = False
+    elif observer is not None and observer.kept is not None:
+        pieces = observer.kept
+        truncated = observer.seen_bytes > cap
+        if truncated:
+            pieces = fitting(pieces, cap)
+        valid = observer.whole_object
+    else:
+        return b"null"
+    if not pieces:
+        return b"null"
+    encoding = conv.encoding
+    plain = encoding in _PLAIN
+    if valid and not truncated:  # (valid: a plain answer the observer read as one object)
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return _one_line(data) if 10 in data or 13 in data else data
     reply: Any = None
-    if not capture.stream:
-        reply = _plain_reply(path, capture) if plain and not capture.truncated else None
-    elif path == CHAT and plain and not capture.truncated:
+    if not conv.sse:
+        reply = _plain_reply(path, pieces) if plain and not truncated else None
+    elif path == CHAT and plain and not truncated:
         reply = plain_chat_reply(b"".join(pieces), cap)
     if reply is None:
-        assembler = ReplyAssembler(path, capture.stream, capture.encoding, cap)
+        assembler = ReplyAssembler(path, conv.sse, encoding or b"", cap)
         for piece in pieces:
             assembler.feed(piece)
         reply = assembler.result()
-    if capture.truncated:
+    if truncated:
         reply = {**(reply if isinstance(reply, dict) else {}), "truncated": True}
-    return reply
+    return orjson.dumps(reply)
 
 
 _PLAIN = (b"", b"identity")
 
 
-def _plain_reply(path: str, capture: Capture) -> Any:
+def fitting(kept: list[bytes], cap: int) -> list[bytes]:
+    """Of the whole pieces an observer kept (up to ``cap`` bytes or a little past it), those
+    that ``Capture.keep`` would have kept: the first ones that fit in ``cap``."""
+    pieces = list(kept)
+    size = sum(map(len, pieces))
+    while pieces and size > cap:
+        size -= len(pieces.pop())
+    return pieces
+
+
+def _plain_reply(path: str, pieces: list[bytes]) -> Any:
     """The reply of a whole, uncompressed JSON answer the usage observer did not read as
     one object, read straight from it (cheaper than the assembler); None to let the
     assembler judge it."""
     try:
-        obj = orjson.loads(b"".join(capture.pieces))
+        obj = orjson.loads(b"".join(pieces))
     except orjson.JSONDecodeError:
         return None
     if type(obj) is not dict:
@@ -255,8 +261,6 @@ def _plain_reply(path: str, capture: Capture) -> Any:
 def _one_line(data: bytes) -> bytes:
     """Valid JSON on one line: a raw line break can only be whitespace between tokens (in a
     string it is escaped), so it becomes a space."""
-    # replace() gives the bytes themselves back when there is nothing to replace, and costs
-    # less than the two find() calls that would tell (their arguments are parsed slowly)
     return data.replace(b"\n", b" ").replace(b"\r", b" ")
 
 
@@ -299,6 +303,7 @@ class EventLog:
         fmt = config.access_log_format
         self.access = [(t, line_format(t, fmt)) for t in access_targets(config)]
         self.conversations = log_target(config.conversation_log)
+        self.cap = config.conversation_max_bytes
         self._sinks: dict[str, Sink] = {}
         self._pending: list[Event] = []
         self._wake = asyncio.Event()
@@ -316,19 +321,21 @@ class EventLog:
         """Whether any log wants request events."""
         return bool(self.access or self.conversations)
 
-    def add(self, row: UsageRow, capture: Capture | None) -> None:
+    def add(self, row: UsageRow, conv: Conversation | None) -> None:
         """Queue a finished request for the next flush. O(1); never blocks, never raises.
         While the writer falls behind (a slow disk, a stdout nobody reads), at most
         MAX_PENDING wait, holding at most MAX_CAPTURED bytes of conversations; beyond, the
         oldest events are dropped, and new ones keep their access line but lose their
         conversation."""
-        if capture is not None:
-            self._captured += capture.size + len(capture.body)
+        if conv is not None:
+            held = conv.capture or conv.observer
+            size = held.seen_bytes if held is not None else 0
+            self._captured += len(conv.log_body or b"") + (size if size < self.cap else self.cap)
             if self._captured > self.max_captured:
-                capture = None
+                conv = None
                 self.dropped_conversations += 1
         pending = self._pending
-        pending.append((row, capture))
+        pending.append((row, conv))
         if len(pending) == BATCH:  # a busy worker writes small batches, still warm in cache
             self._wake.set()
         elif len(pending) > MAX_PENDING:
@@ -383,17 +390,17 @@ class EventLog:
                 lines = made[line] = self._lines(line, events)
             self._emit(target, lines)
         if self.conversations:
-            cap = self.config.conversation_max_bytes
+            cap = self.cap
             # a conversation line starts as its access line: made once for both
             heads = made.get(json_line)
             out: list[bytes | None] = []
-            for i, (row, capture) in enumerate(events):
-                if capture is None:
+            for i, (row, conv) in enumerate(events):
+                if conv is None:
                     continue
                 try:
                     head = heads[i] if heads is not None else json_line(row)
                     if head is not None:
-                        out.append(conversation_line(row, capture, cap, head))
+                        out.append(conversation_line(row, conv, cap, head))
                 except (TypeError, ValueError):  # not encodable: this record only
                     self._unwritable(row)
             self._emit(self.conversations, out)

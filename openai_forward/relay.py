@@ -384,7 +384,7 @@ class Relay:
             if acct.ttfb is None:
                 acct.ttfb = time.perf_counter()
             capture = acct.capture
-            if capture is not None and capture.shared is None:
+            if capture is not None:
                 capture.keep(data)
             if acct.observer is not None:
                 shown = acct.observer.feed(data)

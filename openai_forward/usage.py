@@ -90,6 +90,7 @@ MAX_DECODED = 64 << 20
 # Up to this size a full orjson parse is faster than the scan (measured: 4 us vs 9 us at
 # 1 KiB, equal near 16 KiB, 26 us vs 14 us at 60 KiB), and exact.
 WHOLE = 16384
+KEEP = 65536  # the first bytes of a stream kept for an estimate of its tokens (StreamUsage)
 _STEP = 65536  # inflate at most this much per call: a small compressed piece can be a bomb
 _IDENTITY = (b"", b"identity")
 _SPACE = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*")
@@ -105,6 +106,8 @@ class JsonUsage:
     makes ``result`` (None, None) and ``feed`` a no-op. Memory stays bounded: the first HEAD
     and the last TAIL decoded bytes, held as references to the pieces fed where possible.
     A body of at most WHOLE bytes is parsed whole; a larger one is searched from its end.
+    ``keep`` (the conversation log's cap) keeps the pieces of an uncompressed body in
+    ``kept`` until it is past that many bytes, for the log to take when the answer ends.
     """
 
     __slots__ = (
@@ -112,31 +115,39 @@ class JsonUsage:
         "_head",
         "_head_len",
         "_inflate",
+        "_keep",
         "_limit",
         "_ok",
         "_small",
         "_tail",
         "_tail_len",
-        "_total",
+        "kept",
+        "seen_bytes",
         "whole_object",
     )
 
-    def __init__(self, encoding: bytes = b"") -> None:
+    def __init__(self, encoding: bytes = b"", keep: int = 0) -> None:
         name = encoding.strip().lower() if encoding else b""  # most answers name none
         self._ok = name in _IDENTITY or name in (b"gzip", b"deflate")
         self._deflate = name == b"deflate"
         self._inflate: zlib._Decompress | None = None
         if name == b"gzip":
             self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        self._total = 0
+        self.seen_bytes = 0  # decoded bytes fed so far
         # an uncompressed body's pieces while it is at most WHOLE bytes: a list append a
         # piece, no head and tail kept apart (most answers end here, and never need those)
         self._small: list[bytes] | None = None
+        # the pieces of an uncompressed body, by reference, for the conversation log (which
+        # asks with ``keep``: every piece until the body is past ``keep`` bytes, the first
+        # one past it included); without ``keep``, only while they are all kept for parsing
+        self.kept: list[bytes] | None = None
         if name in _IDENTITY:
-            self._small = []
+            self._small = self.kept = []
         else:
             self._keep_apart()
-        self._limit = WHOLE  # the size past which the pieces are no longer all kept
+        self._keep = keep
+        # the size past which the pieces are no longer all kept
+        self._limit = keep if keep > WHOLE else WHOLE
         self.whole_object = False  # result() parsed the whole (decoded) body: a JSON object
 
     def _keep_apart(self) -> None:
@@ -151,8 +162,8 @@ class JsonUsage:
         small = self._small
         if small is not None:
             small.append(data)
-            self._total += len(data)
-            if self._total > self._limit:
+            self.seen_bytes += len(data)
+            if self.seen_bytes > self._limit:
                 self._spill(small)
             return
         if not self._ok or not data:
@@ -171,7 +182,7 @@ class JsonUsage:
         out = inflate.decompress(data, _STEP)
         while True:
             self._add(out)
-            if self._total > MAX_DECODED:
+            if self.seen_bytes > MAX_DECODED:
                 self._give_up()
                 return
             if not inflate.unconsumed_tail:
@@ -182,7 +193,7 @@ class JsonUsage:
         size = len(piece)
         if not size:
             return
-        self._total += size
+        self.seen_bytes += size
         if self._head_len < HEAD:
             head = piece[: HEAD - self._head_len]
             self._head.append(head)
@@ -197,26 +208,12 @@ class JsonUsage:
         while self._tail_len - len(self._tail[0]) >= TAIL:
             self._tail_len -= len(self._tail.popleft())
 
-    @property
-    def kept(self) -> list[bytes] | None:
-        """The pieces fed so far, by reference, while an uncompressed body is small enough
-        (see ``keep_at_least``); None otherwise. The list stops growing once it is past."""
-        return self._small
-
-    @property
-    def seen_bytes(self) -> int:
-        return self._total
-
-    def keep_at_least(self, size: int) -> None:
-        """Keep every piece of an uncompressed body of up to ``size`` bytes (for the
-        conversation log, which would keep them anyway)."""
-        if size > self._limit:
-            self._limit = size
-
     def _spill(self, small: list[bytes]) -> None:
         """Past WHOLE bytes: keep the head and the tail only, from now on."""
         self._small = None
-        self._total = 0
+        if not self._keep:  # no log asked to keep them: they may go
+            self.kept = None
+        self.seen_bytes = 0
         self._keep_apart()
         for piece in small:
             self._add(piece)
@@ -248,7 +245,7 @@ class JsonUsage:
         if not self._ok:
             return None, None
         tail = b"".join(self._tail)
-        if self._total <= WHOLE:
+        if self.seen_bytes <= WHOLE:
             whole = _read_whole(tail)
             if whole is not None:
                 self.whole_object = whole[2]
@@ -393,7 +390,9 @@ class StreamUsage:
         "usage",
     )
 
-    def __init__(self, strip: bool = False, keep: int = 65536, line_cap: int = 1 << 20) -> None:
+    whole_object = False  # (as JsonUsage's: a stream is never read as one JSON object)
+
+    def __init__(self, strip: bool = False, keep: int = KEEP, line_cap: int = 1 << 20) -> None:
         self.usage: Usage | None = None
         self.model: str | None = None
         self.overflow = False
@@ -462,11 +461,6 @@ class StreamUsage:
         ):
             self._scan_piece(data)
         return data
-
-    def keep_at_least(self, size: int) -> None:
-        """Keep (at least) the first ``size`` bytes fed from now on."""
-        if size > self._keep:
-            self._keep = size
 
     def end(self) -> bytes:
         """The stream ended: scan the unterminated last line; return what strip mode held."""

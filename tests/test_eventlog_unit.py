@@ -8,9 +8,11 @@ import json
 import time
 from pathlib import Path
 
+from openai_forward.accounting import Account
 from openai_forward.config import load
-from openai_forward.eventlog import Capture, Event, EventLog, json_line
+from openai_forward.eventlog import Capture, Event, EventLog, fitting, json_line
 from openai_forward.records import UsageRow, usage_row
+from openai_forward.usage import KEEP, JsonUsage, StreamUsage
 
 
 def row(n: int, cache: str | None = None) -> UsageRow:
@@ -21,10 +23,23 @@ def row(n: int, cache: str | None = None) -> UsageRow:
     )  # fmt: skip
 
 
+def answered(body: bytes, answer: bytes, encoding: bytes = b"", cap: int = 1 << 20) -> Account:
+    """The account of a logged chat completion whose answer came whole, as the proxy and
+    the relay leave it: the observer (or a capture) fed, the usage read."""
+    acct = Account("req_gw_1", "/v1/chat/completions", "/", 0.0)
+    acct.body = acct.log_body = body
+    acct.capture_cap = cap
+    acct.on_head(200, False, encoding)
+    if acct.capture is not None:
+        acct.capture.keep(answer)
+    assert isinstance(acct.observer, JsonUsage)
+    acct.observer.feed(answer)
+    acct.observer.result()
+    return acct
+
+
 def event(n: int, answer: bytes = b'{"choices":[]}') -> Event:
-    capture = Capture(b'{"model":"gpt-4o","messages":[]}', False, b"", 1 << 20)
-    capture.keep(answer)
-    return row(n), capture
+    return row(n), answered(b'{"model":"gpt-4o","messages":[]}', answer)
 
 
 def test_a_writer_that_falls_behind_drops_conversations_not_access_lines(tmp_path: Path) -> None:
@@ -34,7 +49,7 @@ def test_a_writer_that_falls_behind_drops_conversations_not_access_lines(tmp_pat
     events = [event(n, b"x" * 1000) for n in range(20)]
     for e in events:
         log.add(*e)
-    kept = [capture for _, capture in log._pending if capture is not None]
+    kept = [conv for _, conv in log._pending if conv is not None]
     assert len(kept) == 9  # about 1 KB each: the rest lost their conversation
     assert log.dropped_conversations == 11 and log.dropped == 0
     assert len(log._pending) == 20  # every access line still comes
@@ -67,29 +82,21 @@ def test_an_access_line_is_one_json_object_with_every_field() -> None:
     assert record["stream"] is False and record["time"].endswith("Z")
 
 
-def test_a_shared_capture_keeps_what_its_own_keep_would_have_kept() -> None:
+def test_an_observer_keeps_for_the_log_what_a_capture_would_have_kept() -> None:
     """The usage observer keeps the pieces for the conversation log (no second call per
-    piece); when the answer ends, the capture holds exactly what ``keep`` would hold."""
-    from openai_forward.usage import JsonUsage, StreamUsage
-
+    piece); what the writer takes of them is exactly what ``Capture.keep`` would hold."""
     pieces = [b"a" * 300, b"b" * 300, b"c" * 300, b"d" * 300]
-    for observer in (JsonUsage(), StreamUsage()):
-        for cap in (0, 299, 300, 899, 900, 1200, 5000):
-            own = Capture(b"{}", False, b"", cap)
-            shared = Capture(b"{}", False, b"", cap)
-            fresh = JsonUsage() if isinstance(observer, JsonUsage) else StreamUsage()
-            kept = fresh.kept
-            assert kept is not None
-            shared.share(fresh, kept)
-            for piece in pieces:
+    for cap in (1, 299, 300, 899, 900, 1200, 5000, 20_000, 70_000):  # (the config: > 0)
+        for observer in (JsonUsage(b"", cap), StreamUsage(False, max(KEEP, cap))):
+            own = Capture(cap)
+            for piece in pieces * 20:
                 own.keep(piece)
-                fresh.feed(piece)
-            shared.settle()
-            assert (shared.pieces, shared.size, shared.truncated) == (
-                own.pieces,
-                own.size,
-                own.truncated,
-            ), (type(observer).__name__, cap)
+                observer.feed(piece)
+            kept = observer.kept
+            assert kept is not None
+            truncated = observer.seen_bytes > cap
+            taken = fitting(kept, cap) if truncated else kept
+            assert (taken, truncated) == (own.pieces, own.truncated), (observer, cap)
 
 
 def write_batch(tmp_path: Path, access: str, events: list[Event]) -> list[dict[str, object]]:
@@ -106,12 +113,11 @@ def test_a_conversation_line_is_its_access_line_with_the_request_and_the_reply(
     tmp_path: Path,
 ) -> None:
     answer = b'{\n  "id": "chatcmpl-1",\n  "choices": [],\n  "usage": {"prompt_tokens": 3}\n}'
-    capture = Capture(b'{"model": "gpt-4o",\r\n "messages": []}', False, b"", 1 << 20)
-    capture.keep(answer)
-    capture.valid = True  # the usage observer read it as one object: it goes in as it came
+    # the usage observer read the answer as one object: it goes in as it came
+    conv = answered(b'{"model": "gpt-4o",\r\n "messages": []}', answer)
     one = row(1)
     for access in ("off", str(tmp_path / "a.jsonl"), "stdout"):
-        (record,) = write_batch(tmp_path, access, [(one, capture)])
+        (record,) = write_batch(tmp_path, access, [(one, conv)])
         (tmp_path / "c.jsonl").unlink()
         reply = record.pop("reply")
         request = record.pop("request")

@@ -203,7 +203,7 @@ def test_unsupported_encodings_give_nothing_and_keep_nothing(encoding):
     observer = JsonUsage(encoding)
     observer.feed(completion("x"))
     assert observer.result() == (None, None)
-    assert observer._total == 0
+    assert observer.seen_bytes == 0
 
 
 def test_a_corrupt_gzip_body_gives_nothing():
@@ -216,7 +216,7 @@ def test_decoding_stops_at_the_cap(monkeypatch):
     observer = JsonUsage(b"gzip")
     for piece in pieces(gzip.compress(body), list(range(0, 10000, 1000))):
         observer.feed(piece)
-        assert observer._total <= (1 << 20) + usage_module._STEP
+        assert observer.seen_bytes <= (1 << 20) + usage_module._STEP
     assert observer.result() == (None, None)
 
 
@@ -665,21 +665,23 @@ def test_any_bytes_for_any_split_give_the_same_output_and_never_raise(data, cuts
 
 @pytest.mark.parametrize("size", [100, 16_000, 20_000, 100_000, 2_000_000])
 def test_keeping_every_piece_for_the_log_finds_the_same_usage(size: int) -> None:
-    """An observer that keeps a logged answer's pieces (keep_at_least) reads the same usage
+    """An observer that keeps a logged answer's pieces (``keep``) reads the same usage
     and model as one that keeps only a head and a tail, whatever the body's size."""
     usage = b'"usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":10}'
     body = b'{"model":"gpt-4o","data":"' + b"x" * size + b'",' + usage + b"}"
-    plain, keeping = JsonUsage(), JsonUsage()
-    keeping.keep_at_least(1 << 20)
+    plain, keeping = JsonUsage(), JsonUsage(b"", 1 << 20)
     for start in range(0, len(body), 4096):
         plain.feed(body[start : start + 4096])
         keeping.feed(body[start : start + 4096])
     assert keeping.result() == plain.result() == (Usage(7, 3), "gpt-4o")
     kept = keeping.kept
+    assert kept is not None
     if len(body) <= 1 << 20:
-        assert kept is not None and b"".join(kept) == body
-    else:
-        assert kept is None  # past the size asked for: head and tail only, as usual
+        assert b"".join(kept) == body
+    else:  # past the size asked for: the pieces up to the first past it, no more
+        assert (1 << 20) < len(b"".join(kept)) <= (1 << 20) + 4096
+        assert body.startswith(b"".join(kept))
+    assert plain.kept is None or len(body) <= 16384  # unasked, past WHOLE they go
 
 
 def test_openai_chunks_with_obfuscation_take_the_strip_fast_path() -> None:
