@@ -202,7 +202,7 @@ def _reply(path: str, conv: Conversation, cap: int) -> bytes:
         valid = observer.whole_object
     else:
         return b"null"
-    if not pieces:
+    if not pieces and not truncated:
         return b"null"
     encoding = conv.encoding
     plain = encoding in _PLAIN

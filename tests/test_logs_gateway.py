@@ -255,6 +255,72 @@ def test_conversations_of_keys_not_opted_in_are_not_logged(gateway_factory, upst
     assert not conv.exists() or conv.read_text() == ""
 
 
+def test_every_kind_of_answer_gets_the_reply_the_docs_promise(gateway_factory, upstream, tmp_path):
+    """Whoever keeps the answer's pieces (the usage observer, or the relay for a compressed
+    answer), the record holds: the answer itself, the reply read from a gzip answer, null
+    for an error, ``{"truncated": true}`` past conversation_max_bytes, and a truncated
+    stream's reply as a prefix."""
+    import gzip
+
+    conv = tmp_path / "conversations.jsonl"
+    cfg = {"conversation_log": str(conv), "access_log": "off", "conversation_max_bytes": 4000}
+    gw = gateway_factory(upstream.url, args=write_config(tmp_path, upstream.url, **cfg))
+    json_head = [("content-type", "application/json")]
+
+    def answer(text: str) -> bytes:
+        return json.dumps(
+            {
+                "id": "chatcmpl-1",
+                "object": "chat.completion",
+                "model": "gpt-4o",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+            },
+            indent=1,  # line breaks in it: the record still holds one line
+        ).encode()
+
+    def chunk(text: str) -> dict[str, Any]:
+        return {"id": "c", "model": "gpt-4o", "choices": [{"index": 0, "delta": {"content": text}}]}
+
+    zipped = [*json_head, ("content-encoding", "gzip")]
+    error = b'{"error":{"message":"no","type":"invalid_request_error"}}'
+    event_stream = [("content-type", "text/event-stream")]
+    cases: list[tuple[Reply, bool]] = [
+        (Reply(headers=json_head, body=answer("plain")), False),
+        (Reply(headers=zipped, body=gzip.compress(answer("zipped"))), False),
+        (Reply(status=400, headers=json_head, body=error), False),
+        (Reply(headers=json_head, body=answer("x" * 5000)), False),
+        (Reply(headers=event_stream, chunks=sse([chunk("y" * 500)] * 12)), True),
+    ]
+    auth = {"authorization": f"Bearer {FK_ALICE}"}
+    with httpx.Client(base_url=gw.url, headers=auth, timeout=10) as client:
+        for n, (reply, stream) in enumerate(cases):
+            upstream.script("POST", CHAT, reply)
+            body: dict[str, Any] = {
+                "model": "gpt-4o",
+                "messages": [{"role": "user", "content": f"case {n}"}],
+            }
+            if stream:
+                body["stream"] = True
+            client.post(CHAT, json=body).read()
+            wait_lines(conv, n + 1)
+    replies = {r["request"]["messages"][0]["content"]: r["reply"] for r in wait_lines(conv, 5)}
+    assert replies["case 0"] == json.loads(answer("plain"))
+    assert replies["case 1"]["choices"][0]["message"]["content"] == "zipped"
+    assert replies["case 2"] is None
+    assert replies["case 3"] == {"truncated": True}
+    streamed = replies["case 4"]
+    assert streamed["truncated"] is True
+    text = streamed["choices"][0]["message"]["content"]
+    assert 0 < len(text) < 4000 and set(text) == {"y"}
+
+
 def scrape(url: str, token: str | None = ADMIN) -> dict[str, float]:
     return metricscrape.scrape(url, token)
 
