@@ -2,8 +2,9 @@
 
 When a request ends, the worker's :class:`EventLog` receives its usage row (the same dict
 the usage records get, in the access line's order already) and, for a request whose
-conversation is logged, the raw request body and the response bytes as the upstream sent
-them. ``add`` only appends to a list. Every ``log_flush_interval`` seconds a writer thread
+conversation is logged, its finished account: the raw request body, and the response bytes
+as the upstream sent them, kept by its usage observer (or a :class:`Capture`). ``add`` only
+appends to a list. Every ``log_flush_interval`` seconds a writer thread
 turns the batch into JSON lines (or console lines), appends them to standard output or to
 rotating files and assembles the conversations; the event loop never formats, parses or
 writes for a log. (The metrics are fed from the same moment, in ``Meter.finish``.)
