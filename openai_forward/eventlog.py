@@ -56,7 +56,7 @@ class Capture:
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self.pieces: list[bytes] = []
-        self.seen_bytes = 0  # kept so far (the name the observers give it)
+        self.seen_bytes = 0  # bytes kept (named as the observers' count, which add() reads)
         self.truncated = False
 
     def keep(self, data: bytes) -> None:

@@ -209,7 +209,7 @@ class JsonUsage:
             self._tail_len -= len(self._tail.popleft())
 
     def _spill(self, small: list[bytes]) -> None:
-        """Past WHOLE bytes: keep the head and the tail only, from now on."""
+        """Past ``_limit`` bytes: keep the head and the tail only, from now on."""
         self._small = None
         if not self._keep:  # no log asked to keep them: they may go
             self.kept = None
