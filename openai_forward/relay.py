@@ -40,6 +40,16 @@ _ERROR_KINDS = {
     "upstream_protocol_error": "protocol",
 }
 _KEY_FAILURES = frozenset({401, 403, 429})  # answers that say something about the key
+_DONE_LINES = (b"data: [DONE]", b"data:[DONE]")
+
+
+def stream_done(piece: bytes) -> bool:
+    """Whether an SSE piece ends with the stream's closing event, ``data: [DONE]``."""
+    end = piece.rstrip(b"\r\n")
+    return (
+        end.endswith(b"[DONE]")
+        and end[max(end.rfind(b"\n"), end.rfind(b"\r")) + 1 :] in _DONE_LINES
+    )
 
 
 class Relay:
@@ -64,6 +74,7 @@ class Relay:
         "reused",
         "sse",
         "status",
+        "tail",
         "target",
         "task",
         "ticket",
@@ -93,6 +104,7 @@ class Relay:
         self.acct: Account | None = None
         self.ticket: Ticket | None = None  # the request's part in the response cache
         self.status = 0
+        self.tail = b""  # the last piece sent to the client
 
     def begin(self, target: Target) -> None:
         """Send the request to ``target``: now on an idle pooled connection, else once a new
@@ -395,6 +407,7 @@ class Relay:
         ticket = self.ticket
         if ticket is not None and ticket.recorder is not None:
             ticket.recorder.feed(data, time.perf_counter())
+        self.tail = data
         if self.chunked:
             self.out.append(b"%x\r\n%b\r\n" % (len(data), data))
         else:
@@ -428,6 +441,17 @@ class Relay:
             return
         if self.observe is not None and self.key is not None:
             self._learn_quota(self.key, self.observe)
+        self._answer_complete()
+        self._release_key()
+        if self.chunked:
+            self.out.append(b"0\r\n\r\n")
+        self.flush()
+        self.req.on_lost = None
+        self.client.finish(self.req, reusable=self.keep_client)
+
+    def _answer_complete(self) -> None:
+        """The whole answer is here: send what the observer held, account for the request
+        and offer the answer to the cache."""
         acct = self.acct
         if acct is not None:
             tail = acct.observer.end() if acct.observer is not None else b""
@@ -440,12 +464,6 @@ class Relay:
         if ticket is not None and ticket.recorder is not None:
             usage, model = acct.final if acct is not None and acct.final else (None, None)
             self.proxy.cache.save(ticket, usage, model)
-        self._release_key()
-        if self.chunked:
-            self.out.append(b"0\r\n\r\n")
-        self.flush()
-        self.req.on_lost = None
-        self.client.finish(self.req, reusable=self.keep_client)
 
     def on_error(self, error: GatewayError, stale: bool) -> None:
         req = self.req
@@ -514,8 +532,14 @@ class Relay:
     # the client side
 
     def client_lost(self) -> None:
-        """The client went away: drop the upstream request now; it is not the upstream's fault."""
-        if self.acct is not None:
+        """The client went away: drop the upstream request now; it is not the upstream's fault.
+
+        A stream whose last event sent was ``data: [DONE]`` was complete for the client (the
+        openai SDKs close the response as soon as they read it, and the upstream's last
+        chunk terminator may come later): it is accounted and cached as a finished answer."""
+        if self.sse and self.req.responded and stream_done(self.tail):
+            self._answer_complete()
+        elif self.acct is not None:
             self.acct.client_closed = True
             self.account_end(self.status if self.req.responded else 499, "client_closed")
         self._drop_upstream()

@@ -101,6 +101,26 @@ def test_a_stream_replays_the_original_events_in_order(gateway_factory, upstream
     assert text and len(chat_requests(upstream)) == 1
 
 
+def test_a_stream_the_sdk_closed_after_done_is_stored(gateway_factory, upstream, tmp_path):
+    # The SDK hangs up once it reads "data: [DONE]"; the upstream's chunk terminator never
+    # comes here ("stall"). The answer was complete: it is stored, and the next ask is a hit.
+    events = [{"choices": [{"index": 0, "delta": {"content": w}}]} for w in ("A ", "gate")]
+    sse_head = [("content-type", "text/event-stream")]
+    upstream.script("POST", CHAT, Reply(headers=sse_head, chunks=sse(events), end="stall"))
+    gw = gateway_factory(upstream.url, args=write_config(tmp_path, upstream.url))
+    client = sdk(gw)
+    texts, states = [], []
+    for _ in range(2):
+        with client.chat.completions.with_streaming_response.create(
+            model="gpt-4o", messages=MESSAGES, stream=True
+        ) as raw:
+            states.append(raw.headers.get(HEADER))
+            chunks = list(raw.parse())
+        texts.append("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
+    assert states == ["miss", "hit"] and texts == ["A gate", "A gate"]
+    assert len(chat_requests(upstream)) == 1
+
+
 def test_a_paced_replay_keeps_the_original_rhythm(gateway_factory, upstream, tmp_path):
     events = [{"choices": [{"index": 0, "delta": {"content": f"w{i} "}}]} for i in range(4)]
     reply = Reply(

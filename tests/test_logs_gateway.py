@@ -200,6 +200,36 @@ TOOLS = [
 ]
 
 
+def test_a_client_that_hangs_up_after_done_got_the_whole_answer(
+    gateway_factory, upstream, tmp_path
+):
+    # The openai SDKs close the response as soon as they read "data: [DONE]"; an upstream's
+    # last chunk terminator can come later. Here it never comes ("stall"), so the SDK always
+    # hangs up first: the answer is still complete, not a client disconnect.
+    conv, access = tmp_path / "conversations.jsonl", tmp_path / "access.jsonl"
+    upstream.script(
+        "POST", CHAT, Reply(headers=[("content-type", "text/event-stream")], chunks=tool_stream(),
+                            end="stall"),
+    )  # fmt: skip
+    cfg = {"conversation_log": str(conv), "access_log": str(access)}
+    gw = gateway_factory(upstream.url, args=write_config(tmp_path, upstream.url, **cfg))
+    stream = sdk(gw).chat.completions.create(
+        model="gpt-4o", messages=MESSAGES, tools=TOOLS, stream=True
+    )
+    received = [chunk for chunk in stream]
+    assert received[-1].choices[0].finish_reason == "tool_calls"
+
+    (line,) = wait_lines(access, 1)
+    assert (line["status"], line["client_closed"], line["error_code"]) == (200, False, None)
+    assert (line["prompt_tokens"], line["completion_tokens"], line["estimated"]) == (30, 12, False)
+    (record,) = wait_lines(conv, 1)
+    assert record["reply"]["truncated"] is False
+    assert record["reply"]["choices"][0]["finish_reason"] == "tool_calls"
+    out = tmp_path / "train.jsonl"
+    done = run_cli("logs", "export", "--file", str(conv), "--output", str(out))
+    assert "exported 1 of 1" in done.stderr, done.stderr
+
+
 def test_a_streamed_conversation_with_tool_calls_is_logged_and_exported(
     gateway_factory, upstream, tmp_path
 ):
