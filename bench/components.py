@@ -96,7 +96,7 @@ def _pieces() -> dict[str, Callable[[], object]]:
 
     cap = config.conversation_max_bytes
 
-    def answered(logged: bool) -> Account:  # a chat completion's account, its answer fed
+    def answered(logged: bool) -> Account:  # a chat completion's account as Meter.finish
         acct = Account("req_gw_0123456789ab00000001", "/v1/chat/completions", "/", 0.0)
         acct.body = BODY
         if logged:
@@ -104,28 +104,34 @@ def _pieces() -> dict[str, Callable[[], object]]:
             acct.capture_cap = cap
         acct.on_head(200, False, b"")
         observer = acct.observer
-        assert observer is not None
+        assert isinstance(observer, JsonUsage)
         observer.feed(ANSWER)
+        observer.result()  # (the usage read: the answer parsed as one object)
         return acct
 
     conv = answered(True)
-    assert isinstance(conv.observer, JsonUsage)
-    conv.observer.result()
     events = eventlog.EventLog(config)
     head = eventlog.json_line(ROW)
 
-    def log_on_loop() -> None:  # a logged request on the loop: its account, its event
+    def log_on_loop() -> None:  # a logged request on the loop: its account, its lines
         acct = answered(True)
         events.add(ROW, acct if acct.encoding is not None and acct.log_body else None)
-        if len(events._pending) >= 4096:
-            events._pending.clear()
-            events._captured = 0
+        if events._count >= 256:  # (no flush here: the batch is dropped unwritten)
+            events._makers = [(line, []) for line, _ in events._makers]
+            events._talks = []
+            events._count = events._bytes = 0
 
     def observe_only() -> None:  # the same request, its conversation not logged
         answered(False)
 
-    def write_logs() -> None:  # one event's share of a 256-event batch, as the writer does it
-        events._write([(ROW, conv)] * 256)
+    access_line = eventlog.json_line(ROW)
+    talk = eventlog.conversation_line(ROW, conv, cap, head)
+    assert talk is not None
+    made = {line: [access_line] * 256 for line, _ in events._makers}
+    talks: list[eventlog.Talk] = [talk] * 256
+
+    def write_logs() -> None:  # one request's share of a 256-request batch, as the writer does it
+        events._write(made, talks)
 
     store_ = limits.LocalStore()
     buckets = _buckets()

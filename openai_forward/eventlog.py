@@ -3,11 +3,18 @@
 When a request ends, the worker's :class:`EventLog` receives its usage row (the same dict
 the usage records get, in the access line's order already) and, for a request whose
 conversation is logged, its finished account: the raw request body, and the response bytes
-as the upstream sent them, kept by its usage observer (or a :class:`Capture`). ``add`` only
-appends to a list. Every ``log_flush_interval`` seconds a writer thread
-turns the batch into JSON lines (or console lines), appends them to standard output or to
-rotating files and assembles the conversations; the event loop never formats, parses or
-writes for a log. (The metrics are fed from the same moment, in ``Meter.finish``.)
+as the upstream sent them, kept by its usage observer (or a :class:`Capture`). ``add`` makes
+the request's lines there and then, on the event loop, while what they are made of is still
+in the CPU's cache; only an answer longer than ``INLINE_ANSWER`` is left for the writer
+thread to assemble. Every ``log_flush_interval`` seconds (or every ``BATCH`` requests) the
+thread appends the lines to standard output or to rotating files.
+
+Why the loop formats: in CPython a thread runs Python only while it holds the GIL, so a
+writer thread that formats never runs beside the loop, it takes turns with it, and every
+turn costs a GIL hand-over, a context switch and cold caches. Measured (docs/performance.md),
+logging cost twice as much CPU per request with the formatting on the thread as on the loop.
+The thread keeps what can block: the writes, which release the GIL. (The metrics are fed
+from the same moment, in ``Meter.finish``.)
 
 A line never holds a secret: keys appear by id and name only, and the conversation log holds
 bodies, never headers. ``orjson`` escapes every control character in strings, and the
@@ -37,9 +44,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("openai_forward")
 
-MAX_PENDING = 100_000  # events waiting for the writer thread, at most
-BATCH = 256  # events that wake the writer thread before its interval is up
-MAX_CAPTURED = 256 * 1024 * 1024  # conversation bytes waiting for the writer thread, at most
+MAX_PENDING = 100_000  # lines of one log waiting for the writer thread, at most
+BATCH = 256  # requests that wake the writer thread before its interval is up
+INLINE_ANSWER = 64 * 1024  # answers up to this size get their line made on the loop
+MAX_PENDING_BYTES = 256 * 1024 * 1024  # conversation lines waiting for the writer, at most
 
 
 class Sink(Protocol):
@@ -92,11 +100,15 @@ class Conversation(Protocol):
 # One finished request as the logs see it: its usage row (the one the usage records get,
 # see records.UsageRow) and, when its conversation is logged, the request's account.
 Event = tuple[UsageRow, Conversation | None]
+# A pending conversation line: made, or left to the writer thread (row, account, access line).
+Talk = bytes | tuple[UsageRow, Conversation, bytes]
 
 
 def json_line(row: UsageRow) -> bytes:
     """The access log's JSON line: the row as it is (its keys are in the line's order
-    already), with the time in ISO 8601, the method as text and the flags as booleans."""
+    already), with the time in ISO 8601, the method as text and the flags as booleans.
+    (The row's flags are ints: the sqlite3 module binds an int at once, a bool only after
+    looking for an adapter, about 3,000 instructions each.)"""
     line = row.copy()
     line["time"] = _iso(row["time"])
     line["method"] = row["method"].decode("latin-1")
@@ -296,7 +308,7 @@ def line_format(target: str, configured: str) -> Callable[[UsageRow], bytes]:
 
 
 class EventLog:
-    """The logs and metrics of one worker: ``add`` on the loop, the work on a thread."""
+    """The logs of one worker: lines made on the loop as requests end, written by a thread."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -305,8 +317,15 @@ class EventLog:
         self.access = [(t, line_format(t, fmt)) for t in access_targets(config)]
         self.conversations = log_target(config.conversation_log)
         self.cap = config.conversation_max_bytes
+        # each line maker once (two targets may share one), and the lines it made since
+        # the last flush; the JSON access line also opens the conversation line
+        self._makers: list[tuple[Callable[[UsageRow], bytes], list[bytes]]] = [
+            (line, []) for line in dict.fromkeys(line for _, line in self.access)
+        ]
+        self._talks: list[Talk] = []  # conversation lines since the last flush
         self._sinks: dict[str, Sink] = {}
-        self._pending: list[Event] = []
+        self._count = 0  # requests since the last flush
+        self._bytes = 0  # conversation bytes since the last flush
         self._wake = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -314,8 +333,7 @@ class EventLog:
         self._failing = False
         self.dropped = 0
         self.dropped_conversations = 0
-        self._captured = 0  # conversation bytes held by the pending events
-        self.max_captured = MAX_CAPTURED
+        self.max_pending_bytes = MAX_PENDING_BYTES
 
     @property
     def active(self) -> bool:
@@ -323,25 +341,42 @@ class EventLog:
         return bool(self.access or self.conversations)
 
     def add(self, row: UsageRow, conv: Conversation | None) -> None:
-        """Queue a finished request for the next flush. O(1); never blocks, never raises.
-        While the writer falls behind (a slow disk, a stdout nobody reads), at most
-        MAX_PENDING wait, holding at most MAX_CAPTURED bytes of conversations; beyond, the
-        oldest events are dropped, and new ones keep their access line but lose their
-        conversation."""
-        if conv is not None:
-            held = conv.capture or conv.observer
-            size = held.seen_bytes if held is not None else 0
-            self._captured += len(conv.log_body or b"") + (size if size < self.cap else self.cap)
-            if self._captured > self.max_captured:
-                conv = None
-                self.dropped_conversations += 1
-        pending = self._pending
-        pending.append((row, conv))
-        if len(pending) == BATCH:  # a busy worker writes small batches, still warm in cache
-            self._wake.set()
-        elif len(pending) > MAX_PENDING:
-            del pending[: len(pending) - MAX_PENDING]
+        """Make the lines of a finished request for the next flush. Never blocks, never
+        raises. While the writer falls behind (a slow disk, a stdout nobody reads), at most
+        MAX_PENDING lines wait per log, and at most ``max_pending_bytes`` of conversations;
+        beyond, the oldest lines are dropped, and new requests keep their access line but
+        lose their conversation."""
+        head = None
+        try:
+            for line, lines in self._makers:
+                text = line(row)
+                lines.append(text)
+                if line is json_line:
+                    head = text
+                if len(lines) > MAX_PENDING:  # the oldest tenth goes: amortised O(1)
+                    del lines[: MAX_PENDING // 10]
+                    self.dropped += MAX_PENDING // 10
+            if conv is not None:
+                held = conv.capture or conv.observer
+                size = held.seen_bytes if held is not None else 0
+                if self._bytes > self.max_pending_bytes:
+                    self.dropped_conversations += 1
+                elif size <= INLINE_ANSWER:
+                    talk = conversation_line(row, conv, self.cap, head or json_line(row))
+                    if talk is not None:
+                        self._talks.append(talk)
+                        self._bytes += len(talk)
+                else:  # a long answer is assembled by the writer thread
+                    self._talks.append((row, conv, head or json_line(row)))
+                    self._bytes += len(conv.log_body or b"") + min(size, self.cap)
+        except (TypeError, ValueError):  # not encodable: this request's lines only
+            self._unwritable(row)
+        except Exception:  # a line must never break the request's accounting
+            log.exception("logs: request %s could not be written down", row["request_id"])
             self.dropped += 1
+        self._count += 1
+        if self._count == BATCH:  # a busy worker writes small batches
+            self._wake.set()
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._task is None and self.active:
@@ -360,16 +395,18 @@ class EventLog:
                 log.exception("logs: could not write a batch")
 
     async def flush(self) -> None:
-        """Hand every pending event to the writer thread and wait for it."""
-        events, self._pending = self._pending, []
-        self._captured = 0
-        if not events:
+        """Hand every pending line to the writer thread and wait for it."""
+        if not self._count:
             return
+        made = {line: lines for line, lines in self._makers}
+        self._makers = [(line, []) for line, _ in self._makers]
+        talks, self._talks = self._talks, []
+        self._count = self._bytes = 0
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._thread, self._write, events)
+        await loop.run_in_executor(self._thread, self._write, made, talks)
 
     async def aclose(self) -> None:
-        """Write every pending event, close the files (graceful stop: no line lost)."""
+        """Write every pending line, close the files (graceful stop: no line lost)."""
         if self._closing:
             return
         self._closing = True
@@ -381,59 +418,38 @@ class EventLog:
         await loop.run_in_executor(self._thread, self._close_sinks)
         self._thread.shutdown(wait=True)
 
-    # the writer thread
-
-    def _write(self, events: list[Event]) -> None:
-        made: dict[Callable[[UsageRow], bytes], list[bytes | None]] = {}
-        for target, line in self.access:  # each format made once, written to its targets
-            lines = made.get(line)
-            if lines is None:
-                lines = made[line] = self._lines(line, events)
-            self._emit(target, lines)
-        if self.conversations:
-            cap = self.cap
-            # a conversation line starts as its access line: made once for both
-            heads = made.get(json_line)
-            out: list[bytes | None] = []
-            for i, (row, conv) in enumerate(events):
-                if conv is None:
-                    continue
-                try:
-                    head = heads[i] if heads is not None else json_line(row)
-                    if head is not None:
-                        out.append(conversation_line(row, conv, cap, head))
-                except (TypeError, ValueError):  # not encodable: this record only
-                    self._unwritable(row)
-            self._emit(self.conversations, out)
-
-    def _lines(self, line: Callable[[UsageRow], bytes], events: list[Event]) -> list[bytes | None]:
-        """One line per event, in order; None for an event that cannot be written."""
-        try:
-            return [line(row) for row, _ in events]
-        except (TypeError, ValueError):  # one event cannot be written: the others can
-            out: list[bytes | None] = []
-            for row, _ in events:
-                try:
-                    out.append(line(row))
-                except (TypeError, ValueError):
-                    self._unwritable(row)
-                    out.append(None)
-            return out
-
     def _unwritable(self, row: UsageRow) -> None:
         self.dropped += 1
         log.warning("logs: request %s could not be written down", row["request_id"])
 
-    def _emit(self, target: str, made: list[bytes | None]) -> None:
-        # None: an event that could not be written (or whose body is not JSON)
-        lines = [line for line in made if line is not None] if None in made else made
+    # the writer thread
+
+    def _write(
+        self, made: dict[Callable[[UsageRow], bytes], list[bytes]], talks: list[Talk]
+    ) -> None:
+        for target, line in self.access:
+            self._emit(target, made[line])
+        if self.conversations:
+            self._emit(self.conversations, [line for line in map(self._made, talks) if line])
+
+    def _made(self, talk: Talk) -> bytes | None:
+        if type(talk) is bytes:
+            return talk
+        row, conv, head = cast("tuple[UsageRow, Conversation, bytes]", talk)
+        try:
+            return conversation_line(row, conv, self.cap, head)
+        except (TypeError, ValueError):  # not encodable: this record only
+            self._unwritable(row)
+            return None
+
+    def _emit(self, target: str, lines: list[bytes]) -> None:
         if not lines:
             return
         try:
             sink = self._sinks.get(target)
             if sink is None:
                 sink = self._sinks[target] = open_sink(target, self.config)
-            sink.write(cast("list[bytes]", lines))
+            sink.write(lines)
         except OSError as exc:
             self.dropped += len(lines)
             if not self._failing:

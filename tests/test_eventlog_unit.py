@@ -8,9 +8,17 @@ import json
 import time
 from pathlib import Path
 
+from openai_forward import eventlog
 from openai_forward.accounting import Account
 from openai_forward.config import load
-from openai_forward.eventlog import Capture, Event, EventLog, fitting, json_line
+from openai_forward.eventlog import (
+    Capture,
+    Event,
+    EventLog,
+    conversation_line,
+    fitting,
+    json_line,
+)
 from openai_forward.records import UsageRow, usage_row
 from openai_forward.usage import KEEP, JsonUsage, StreamUsage
 
@@ -42,17 +50,41 @@ def event(n: int, answer: bytes = b'{"choices":[]}') -> Event:
     return row(n), answered(b'{"model":"gpt-4o","messages":[]}', answer)
 
 
-def test_a_writer_that_falls_behind_drops_conversations_not_access_lines(tmp_path: Path) -> None:
-    config = load({}, None, {"access_log": "off", "conversation_log": str(tmp_path / "c.jsonl")})
+def written(
+    tmp_path: Path, events: list[Event], access: str = "a.jsonl", **settings: int
+) -> EventLog:
+    """Add ``events`` to a worker's event log as it runs, then stop it (every line written)."""
+    target = access if access in ("off", "stdout") else str(tmp_path / access)
+    config = load({}, None, {"access_log": target, "conversation_log": str(tmp_path / "c.jsonl")})
+
     log = EventLog(config)
-    log.max_captured = 10_000
+    for name, value in settings.items():
+        setattr(log, name, value)
+
+    async def run() -> None:
+        for e in events:
+            log.add(*e)
+        await log.aclose()
+
+    asyncio.run(run())
+    return log
+
+
+def read_lines(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_writer_that_falls_behind_drops_conversations_not_access_lines(tmp_path: Path) -> None:
     events = [event(n, b"x" * 1000) for n in range(20)]
-    for e in events:
-        log.add(*e)
-    kept = [conv for _, conv in log._pending if conv is not None]
-    assert len(kept) == 9  # about 1 KB each: the rest lost their conversation
-    assert log.dropped_conversations == 11 and log.dropped == 0
-    assert len(log._pending) == 20  # every access line still comes
+    size = len(
+        conversation_line(events[0][0], events[0][1], 1 << 20, json_line(events[0][0])) or b""
+    )
+    log = written(tmp_path, events, max_pending_bytes=10_000)
+    kept = read_lines(tmp_path / "c.jsonl")
+    # lines are made while at most 10,000 bytes of them wait: about 1.2 KB each
+    assert (len(kept) - 1) * size <= 10_000 < len(kept) * size and len(kept) < 20
+    assert log.dropped_conversations == 20 - len(kept) and log.dropped == 0
+    assert len(read_lines(tmp_path / "a.jsonl")) == 20  # every access line still comes
 
 
 def test_the_bound_applies_to_what_waits_not_to_what_was_written(tmp_path: Path) -> None:
@@ -61,7 +93,7 @@ def test_the_bound_applies_to_what_waits_not_to_what_was_written(tmp_path: Path)
 
     async def run() -> None:
         log = EventLog(config)
-        log.max_captured = 3_000
+        log.max_pending_bytes = 3_000
         for round_ in range(3):  # each flush starts the count again
             for n in range(2):
                 log.add(*event(round_ * 2 + n, b'{"choices":[],"pad":"' + b"x" * 1000 + b'"}'))
@@ -70,7 +102,7 @@ def test_the_bound_applies_to_what_waits_not_to_what_was_written(tmp_path: Path)
         assert log.dropped_conversations == 0
 
     asyncio.run(run())
-    records = [json.loads(line) for line in path.read_text().splitlines()]
+    records = read_lines(path)
     assert len(records) == 6 and all(r["reply"]["choices"] == [] for r in records)
 
 
@@ -100,13 +132,9 @@ def test_an_observer_keeps_for_the_log_what_a_capture_would_have_kept() -> None:
 
 
 def write_batch(tmp_path: Path, access: str, events: list[Event]) -> list[dict[str, object]]:
-    """The conversation log's lines of one batch written by the writer thread's code."""
-    path = tmp_path / "c.jsonl"
-    config = load({}, None, {"access_log": access, "conversation_log": str(path)})
-    log = EventLog(config)
-    log._write(events)
-    log._close_sinks()
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """The conversation log's lines of ``events``."""
+    written(tmp_path, events, access)
+    return read_lines(tmp_path / "c.jsonl")
 
 
 def test_a_conversation_line_is_its_access_line_with_the_request_and_the_reply(
@@ -116,7 +144,7 @@ def test_a_conversation_line_is_its_access_line_with_the_request_and_the_reply(
     # the usage observer read the answer as one object: it goes in as it came
     conv = answered(b'{"model": "gpt-4o",\r\n "messages": []}', answer)
     one = row(1)
-    for access in ("off", str(tmp_path / "a.jsonl"), "stdout"):
+    for access in ("off", "a.jsonl", "stdout"):
         (record,) = write_batch(tmp_path, access, [(one, conv)])
         (tmp_path / "c.jsonl").unlink()
         reply = record.pop("reply")
@@ -129,12 +157,35 @@ def test_a_conversation_line_is_its_access_line_with_the_request_and_the_reply(
 def test_an_event_whose_line_cannot_be_made_costs_only_its_own_lines(tmp_path: Path) -> None:
     bad = row(2)
     bad["model"] = b"\xff"  # not encodable as JSON text: its lines are dropped, counted
-    lines = write_batch(
-        tmp_path, str(tmp_path / "a.jsonl"), [event(1), (bad, event(2)[1]), event(3)]
-    )
+    lines = write_batch(tmp_path, "a.jsonl", [event(1), (bad, event(2)[1]), event(3)])
     assert [r["request_id"] for r in lines] == [row(1)["request_id"], row(3)["request_id"]]
     access = (tmp_path / "a.jsonl").read_text().splitlines()
     assert [json.loads(line)["request_id"] for line in access] == [
         row(1)["request_id"],
         row(3)["request_id"],
     ]
+
+
+def test_a_long_answer_is_logged_in_its_place_by_the_writer(tmp_path: Path) -> None:
+    # past INLINE_ANSWER the line is made by the writer thread, not the loop: same record,
+    # same order among the others
+    long = b'{"choices":[],"pad":"' + b"x" * (eventlog.INLINE_ANSWER + 1) + b'"}'
+    events = [event(1), event(2, long), event(3)]
+    log = EventLog(load({}, None, {"access_log": "off", "conversation_log": str(tmp_path / "c")}))
+    for e in events:
+        log.add(*e)
+    assert [type(talk) for talk in log._talks] == [bytes, tuple, bytes]
+
+    asyncio.run(log.aclose())
+    records = read_lines(tmp_path / "c")
+    assert [r["request_id"] for r in records] == [e[0]["request_id"] for e in events]
+    assert records[1]["reply"]["choices"] == [] and records[1]["reply"]["truncated"] is False
+
+
+def test_lines_waiting_past_the_bound_lose_the_oldest(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(eventlog, "MAX_PENDING", 10)
+    log = written(tmp_path, [(row(n), None) for n in range(25)])
+    lines = read_lines(tmp_path / "a.jsonl")
+    # each time 11 wait, the oldest one goes (a tenth of the bound)
+    assert [r["request_id"] for r in lines] == [row(n)["request_id"] for n in range(15, 25)]
+    assert log.dropped == 15
