@@ -318,12 +318,18 @@ class Recorder:
         if not self.stream:
             e.body = b"".join(chunks)
             return e
-        if not chunks or not ended_well(_last_event(chunks)):
+        if not stream_complete(chunks):
             return None
         start = self._start
         offsets = [int((t - start) * 1000.0) for t in self._times]
         e.events = list(zip(offsets, chunks, strict=True))
         return e
+
+
+def stream_complete(chunks: list[bytes]) -> bool:
+    """Whether the stream whose pieces end with ``chunks`` (the last ones suffice) ended as a
+    complete stream does (see ``ended_well``)."""
+    return bool(chunks) and ended_well(_last_event(chunks))
 
 
 def _last_event(chunks: list[bytes]) -> bytes:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from . import errors
 from .accounting import Account
-from .cache import DIRECTIVE_HEADER, Entry, Recorder, paced
+from .cache import DIRECTIVE_HEADER, Entry, Recorder, paced, stream_complete
 from .caching import Ticket, chunk, replay_head
 from .errors import GatewayError, new_request_id
 from .headers import HOP_BY_HOP, connection_tokens, drop_named
@@ -40,16 +40,6 @@ _ERROR_KINDS = {
     "upstream_protocol_error": "protocol",
 }
 _KEY_FAILURES = frozenset({401, 403, 429})  # answers that say something about the key
-_DONE_LINES = (b"data: [DONE]", b"data:[DONE]")
-
-
-def stream_done(piece: bytes) -> bool:
-    """Whether an SSE piece ends with the stream's closing event, ``data: [DONE]``."""
-    end = piece.rstrip(b"\r\n")
-    return (
-        end.endswith(b"[DONE]")
-        and end[max(end.rfind(b"\n"), end.rfind(b"\r")) + 1 :] in _DONE_LINES
-    )
 
 
 class Relay:
@@ -534,10 +524,12 @@ class Relay:
     def client_lost(self) -> None:
         """The client went away: drop the upstream request now; it is not the upstream's fault.
 
-        A stream whose last event sent was ``data: [DONE]`` was complete for the client (the
-        openai SDKs close the response as soon as they read it, and the upstream's last
-        chunk terminator may come later): it is accounted and cached as a finished answer."""
-        if self.sse and self.req.responded and stream_done(self.tail):
+        A stream whose last piece sent ends it as a complete stream does (``data: [DONE]``,
+        or the Responses API's ``response.completed``) was complete for the client (the
+        openai SDKs close the response as soon as they read ``[DONE]``, and the upstream's
+        last chunk terminator may come later): it is accounted and cached as a finished
+        answer, by the same test the cache applies to what it stores."""
+        if self.sse and self.req.responded and stream_complete([self.tail]):
             self._answer_complete()
         elif self.acct is not None:
             self.acct.client_closed = True

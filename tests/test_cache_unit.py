@@ -20,6 +20,7 @@ from openai_forward.cache import (
     paced,
     read_write,
     storable_head,
+    stream_complete,
 )
 from openai_forward.usage import Usage
 
@@ -381,3 +382,25 @@ def test_replay_at_full_speed_is_one_write() -> None:
 def test_paced_replay_keeps_the_rhythm_and_merges_close_events() -> None:
     assert paced(EVENTS, 1.0) == [(0.0, b"ab"), (0.04, b"cd"), (0.3, b"e")]
     assert paced(EVENTS, 0.5) == [(0.0, b"ab"), (0.02, b"cd"), (0.15, b"e")]
+
+
+@pytest.mark.parametrize(
+    ("piece", "done"),
+    [
+        (b"data: [DONE]\n\n", True),
+        (b"data:[DONE]\n\n", True),
+        (b"data: [DONE]\r\n\r\n", True),
+        (b"data: [DONE]\n", True),  # the blank line still to come
+        (b'data: {"choices":[],"usage":{"prompt_tokens":1}}\n\ndata: [DONE]\n\n', True),
+        (b'data: {"choices":[]}\r\rdata: [DONE]\r\r', True),
+        (b'data: {"content":"[DONE]"}\n\n', False),
+        (b"data: not [DONE]\n\n", False),
+        (b"data: [DONE] later\n\n", False),
+        (b"\n", False),  # the blank line alone: the event before it is not known
+        (b"", False),
+        (b'event: response.completed\ndata: {"type":"response.completed"}\n\n', True),
+    ],
+)
+def test_the_end_of_a_stream_is_told_from_its_last_piece(piece: bytes, done: bool) -> None:
+    # what the relay asks when a client hangs up on a stream (and the cache before storing)
+    assert stream_complete([piece]) is done

@@ -19,7 +19,6 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from openai_forward import usage as usage_module
-from openai_forward.relay import stream_done
 from openai_forward.usage import HEAD, TAIL, JsonUsage, StreamUsage, Usage, usage_from_obj
 
 # --------------------------------------------------------------------------------------------
@@ -713,23 +712,3 @@ def test_openai_chunks_with_obfuscation_take_the_strip_fast_path() -> None:
     assert out[20:] == [b"", b""]  # the usage event is the gateway's: dropped
     assert observer.usage == Usage(3, 20)
     assert slow == [events[0], final]
-
-
-@pytest.mark.parametrize(
-    ("piece", "done"),
-    [
-        (b"data: [DONE]\n\n", True),
-        (b"data:[DONE]\n\n", True),
-        (b"data: [DONE]\r\n\r\n", True),
-        (b"data: [DONE]\n", True),  # the blank line still to come
-        (b'data: {"choices":[],"usage":{"prompt_tokens":1}}\n\ndata: [DONE]\n\n', True),
-        (b'data: {"choices":[]}\r\rdata: [DONE]\r\r', True),
-        (b'data: {"content":"[DONE]"}\n\n', False),
-        (b"data: not [DONE]\n\n", False),
-        (b"data: [DONE] later\n\n", False),
-        (b"\n", False),  # the blank line alone: the event before it is not known
-        (b"", False),
-    ],
-)
-def test_the_end_of_a_stream_is_told_from_its_last_piece(piece: bytes, done: bool) -> None:
-    assert stream_done(piece) is done
