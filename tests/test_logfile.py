@@ -6,6 +6,7 @@ exactly one file, whole; old files go when their time is up; nobody else can rea
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import os
@@ -188,3 +189,23 @@ def test_stdout_lines_reach_a_nonblocking_pipe_whole_and_in_order():
         reader.join(timeout=30)
         os.close(read_end)
     assert bytes(received) == b"".join(lines)
+
+
+def test_stdout_lines_go_in_pieces_of_at_most_pipe_buf_cut_at_line_ends():
+    """Several workers may share one pipe: a write of at most PIPE_BUF bytes is never
+    interleaved with another writer's, so no line up to that size is ever split."""
+    pieces: list[bytes] = []
+
+    class Recorded(StdoutLines):
+        def _write(self, data: bytes) -> None:
+            pieces.append(data)
+
+    lines = [line(n=n, pad="q" * (n * 37 % 900)) for n in range(400)]
+    lines.insert(200, line(n=-1, pad="L" * 9000))  # longer than PIPE_BUF: goes alone
+    Recorded().write(lines)
+    assert b"".join(pieces) == b"".join(lines)
+    assert all(piece.endswith(b"\n") for piece in pieces)
+    assert [p for p in pieces if len(p) > 4096] == [lines[200]]
+    # each piece is as full as it can be: the next piece's first line would not have fit
+    for piece, after in itertools.pairwise(pieces):
+        assert len(piece) + after.index(b"\n") + 1 > 4096
