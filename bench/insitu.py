@@ -16,7 +16,7 @@ last output, ``targets.NAME.output_tail``; the gateway's settings go in the comm
 
 Why: a piece timed alone (``components.py``) runs with its code and data in the CPU's
 caches; in the gateway, between two calls, a whole request's other work has evicted them,
-and the same piece takes two to three times as long (docs/performance.md). The timer itself
+and the same piece takes about twice as long (docs/performance.md). The timer itself
 costs about 0.1 µs a call. Nested timed functions count in both.
 """
 
