@@ -117,9 +117,7 @@ def _pieces() -> dict[str, Callable[[], object]]:
         acct = answered(True)
         events.add(ROW, acct if acct.encoding is not None and acct.log_body else None)
         if events._count >= 256:  # (no flush here: the batch is dropped unwritten)
-            events._makers = [(line, []) for line, _ in events._makers]
-            events._talks = []
-            events._count = events._bytes = 0
+            events._take()
 
     def observe_only() -> None:  # the same request, its conversation not logged
         answered(False)

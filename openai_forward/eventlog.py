@@ -398,12 +398,18 @@ class EventLog:
         """Hand every pending line to the writer thread and wait for it."""
         if not self._count:
             return
-        made = {line: lines for line, lines in self._makers}
+        made, talks = self._take()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._thread, self._write, made, talks)
+
+    def _take(self) -> tuple[dict[Callable[[UsageRow], bytes], list[bytes]], list[Talk]]:
+        """The lines made since the last flush, by line maker, and the conversation lines;
+        the next ones start afresh."""
+        made = dict(self._makers)
         self._makers = [(line, []) for line, _ in self._makers]
         talks, self._talks = self._talks, []
         self._count = self._bytes = 0
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._thread, self._write, made, talks)
+        return made, talks
 
     async def aclose(self) -> None:
         """Write every pending line, close the files (graceful stop: no line lost)."""
