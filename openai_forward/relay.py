@@ -47,6 +47,7 @@ class Relay:
 
     __slots__ = (
         "acct",
+        "before",
         "chunked",
         "client",
         "conn",
@@ -94,7 +95,8 @@ class Relay:
         self.acct: Account | None = None
         self.ticket: Ticket | None = None  # the request's part in the response cache
         self.status = 0
-        self.tail = b""  # the last piece sent to the client
+        self.tail = b""  # the last piece sent to the client ...
+        self.before = b""  # ... and the one before it (an event can straddle two reads)
 
     def begin(self, target: Target) -> None:
         """Send the request to ``target``: now on an idle pooled connection, else once a new
@@ -397,6 +399,7 @@ class Relay:
         ticket = self.ticket
         if ticket is not None and ticket.recorder is not None:
             ticket.recorder.feed(data, time.perf_counter())
+        self.before = self.tail
         self.tail = data
         if self.chunked:
             self.out.append(b"%x\r\n%b\r\n" % (len(data), data))
@@ -524,12 +527,14 @@ class Relay:
     def client_lost(self) -> None:
         """The client went away: drop the upstream request now; it is not the upstream's fault.
 
-        A stream whose last piece sent ends it as a complete stream does (``data: [DONE]``,
+        A stream whose last pieces sent end it as a complete stream does (``data: [DONE]``,
         or the Responses API's ``response.completed``) was complete for the client (the
         openai SDKs close the response as soon as they read ``[DONE]``, and the upstream's
         last chunk terminator may come later): it is accounted and cached as a finished
-        answer, by the same test the cache applies to what it stores."""
-        if self.sse and self.req.responded and stream_complete([self.tail]):
+        answer, by the same test the cache applies to what it stores. The last two pieces
+        are looked at, so a final event split over two reads counts; one split over more
+        (larger than a read, or dribbled out) counts as a disconnect."""
+        if self.sse and self.req.responded and stream_complete([self.before, self.tail]):
             self._answer_complete()
         elif self.acct is not None:
             self.acct.client_closed = True

@@ -200,23 +200,36 @@ TOOLS = [
 ]
 
 
+@pytest.mark.parametrize(
+    "last, usage_asked",
+    [
+        ([b"data: [DONE]\n\n"], False),
+        # the final event split over two reads (0.05 s apart): in the gateway's strip mode
+        # (it asked for the usage itself) a partial line is held, a finished one is not
+        ([b"data: [DONE]\n", b"\n"], False),
+        ([b"data: [DO", b"NE]\n\n"], True),  # the client asked: every piece passes as it is
+    ],
+    ids=["one-piece", "blank-line-apart", "split-mid-line"],
+)
 def test_a_client_that_hangs_up_after_done_got_the_whole_answer(
-    gateway_factory, upstream, tmp_path
+    gateway_factory, upstream, tmp_path, last, usage_asked
 ):
     # The openai SDKs close the response as soon as they read "data: [DONE]"; an upstream's
     # last chunk terminator can come later. Here it never comes ("stall"), so the SDK always
     # hangs up first: the answer is still complete, not a client disconnect.
     conv, access = tmp_path / "conversations.jsonl", tmp_path / "access.jsonl"
-    upstream.script(
-        "POST", CHAT, Reply(headers=[("content-type", "text/event-stream")], chunks=tool_stream(),
-                            end="stall"),
-    )  # fmt: skip
+    chunks = tool_stream()[:-1] + last
+    delay = 0.05 if len(last) > 1 else 0.0
+    head = [("content-type", "text/event-stream")]
+    reply = Reply(headers=head, chunks=chunks, chunk_delay=delay, end="stall")
+    upstream.script("POST", CHAT, reply)
     cfg = {"conversation_log": str(conv), "access_log": str(access)}
     gw = gateway_factory(upstream.url, args=write_config(tmp_path, upstream.url, **cfg))
+    options: dict[str, Any] = {"stream_options": {"include_usage": True}} if usage_asked else {}
     stream = sdk(gw).chat.completions.create(
-        model="gpt-4o", messages=MESSAGES, tools=TOOLS, stream=True
+        model="gpt-4o", messages=MESSAGES, tools=TOOLS, stream=True, **options
     )
-    received = [chunk for chunk in stream]
+    received = [chunk for chunk in stream if chunk.choices]  # (not the usage chunk)
     assert received[-1].choices[0].finish_reason == "tool_calls"
 
     (line,) = wait_lines(access, 1)
