@@ -105,7 +105,12 @@ class Relay:
         if self.origin is None:
             self.origin = target
         try:
-            plain = self.ticket is not None and self.ticket.write
+            # uncompressed: an answer to store in the cache, or a stream whose usage the
+            # gateway asked for, which it must read (and take out) on its way through
+            acct = self.acct
+            plain = (self.ticket is not None and self.ticket.write) or (
+                acct is not None and acct.strip
+            )
             self.head = self.proxy.request_head(self.req, target, self._take_key, plain=plain)
         except GatewayError as exc:  # no key of this upstream is usable now
             if not self.fall_back(exc):

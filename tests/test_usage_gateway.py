@@ -274,3 +274,42 @@ def test_an_upstream_with_stream_usage_off_gets_the_body_untouched_and_is_estima
     assert sent.body == sent_bytes  # not a byte changed
     (row,) = wait_rows(gw.database, 1)
     assert row["estimated"] == 1 and row["completion_tokens"] > 0 and row["upstream"] == "plain"
+
+
+def test_a_stream_whose_usage_the_gateway_asks_for_comes_uncompressed(gw, upstream):
+    """An upstream that compresses what the client accepts: the gateway, which must read
+    the stream to take its usage out, asks it for an uncompressed answer; so the client
+    (the SDK sends ``Accept-Encoding: gzip``) never sees the usage chunk it did not ask
+    for, and the row holds the upstream's own figures, not an estimate."""
+    import gzip
+
+    def answer(rec):
+        events = [
+            {
+                "id": "c",
+                "object": "chat.completion.chunk",
+                "model": "gpt-4o",
+                "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}],
+            }
+            for w in ("Fine ", "and ", "sunny")
+        ]
+        if (rec.json().get("stream_options") or {}).get("include_usage"):
+            usage = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+            events.append({"id": "c", "object": "chat.completion.chunk", "model": "gpt-4o",
+                           "choices": [], "usage": usage})  # fmt: skip
+        data = b"".join(sse(events))
+        headers = [("content-type", "text/event-stream")]
+        if "gzip" in (rec.header("accept-encoding") or ""):
+            return Reply(headers=[*headers, ("content-encoding", "gzip")], body=gzip.compress(data))
+        return Reply(headers=headers, chunks=[data])
+
+    upstream.script("POST", "/v1/chat/completions", answer)
+    stream = sdk(gw).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Fine and sunny"
+    assert all(c.usage is None and c.choices for c in chunks)
+    (sent,) = upstream.requests
+    assert sent.headers_named("accept-encoding") == ["identity"]
+    assert sent.json()["stream_options"] == {"include_usage": True}
+    (row,) = wait_rows(gw.database, 1)
+    assert (row["prompt_tokens"], row["completion_tokens"], row["estimated"]) == (11, 7, 0)
