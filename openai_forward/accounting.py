@@ -423,9 +423,10 @@ class Meter:
             model = model or seen_model
         if found is not None:
             return found, model
-        if status >= 400 and not acct.client_closed and status != 499:
-            return Usage(), model  # nothing was generated
         facts = acct.request_facts()
+        if status >= 400 and not acct.client_closed and status != 499:
+            # nothing was generated; the model is still the one the request named
+            return Usage(), model or (facts.model if facts is not None else None)
         if facts is None:
             return Usage(), model  # not a token request, or not JSON
         model = model or facts.model

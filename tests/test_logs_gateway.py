@@ -105,6 +105,7 @@ def test_access_log_has_a_line_for_every_way_a_request_ends(gateway_factory, ups
     assert ok["upstream_key"].startswith("key-") and ok["time"].endswith("Z")
     failed = by_status[500][0]
     assert failed["upstream"] == "openai" and failed["path"] == "/v1/embeddings"
+    assert failed["model"] == "text-embedding-3-small"  # the request's: no answer named one
     refused = by_status[401][0]
     assert refused["error_code"] == "invalid_api_key" and refused["key_id"] is None
     assert refused["path"] == CHAT and refused["client_ip"] == "127.0.0.1"
@@ -112,6 +113,7 @@ def test_access_log_has_a_line_for_every_way_a_request_ends(gateway_factory, ups
     assert left["client_closed"] is True and left["error_code"] == "client_closed"
     limited = by_status[429][0]
     assert limited["error_code"] == "rate_limit_exceeded" and limited["key_name"] == "alice"
+    assert limited["model"] == "gpt-4o"
     # a client's report of an error names the line: the same id in x-request-id
     assert limited_error.value.response.headers["x-request-id"] == limited["request_id"]
     assert r.headers["x-request-id"] == refused["request_id"]

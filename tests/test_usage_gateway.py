@@ -135,6 +135,7 @@ def test_an_upstream_error_is_recorded_without_tokens(gw, upstream):
     (row,) = wait_rows(gw.database, 1)
     assert row["status"] == 500
     assert row["prompt_tokens"] == row["completion_tokens"] == 0
+    assert row["model"] == "gpt-4o"  # the request's, though no answer named one
 
 
 def test_embeddings_and_responses_are_counted(gw, upstream):
