@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from . import __version__
-from .config import Config, _mask_url
-from .eventlog import access_targets
+from .config import Config, mask_url
+from .eventlog import access_targets, log_target
 from .keypool import key_id
 
 
@@ -23,7 +23,7 @@ def banner(config: Config, host: str, port: int) -> dict[str, Any]:
                 "route": up.route,
                 "upstream": up.name,
                 "type": up.type,
-                "base_url": _mask_url(up.base_url),
+                "base_url": mask_url(up.base_url),
                 "models": list(up.models),
                 "keys": [key_id(k.encode()) for k in dict.fromkeys(up.all_keys)],
                 "fallbacks": list(up.fallbacks),
@@ -32,7 +32,7 @@ def banner(config: Config, host: str, port: int) -> dict[str, Any]:
         )
     return {
         "version": __version__,
-        "listen": f"http://{host}:{port}",
+        "listen": http_url(host, port),
         "workers": config.workers,
         "routes": routes,
         "forward_keys": {
@@ -43,18 +43,23 @@ def banner(config: Config, host: str, port: int) -> dict[str, Any]:
         "limits": {"rules": len(config.limits), "state": _state(config)},
         "usage": {"recording": config.usage, "database": config.database},
         "logs": {
-            "access": access_targets(config),
+            "access": access_targets(config) or None,
             "format": config.access_log_format,
-            "conversations": config.conversation_log or None,
+            "conversations": log_target(config.conversation_log),
         },
         "metrics": _metrics(config),
         "cache": _cache(config),
     }
 
 
+def http_url(host: str, port: int) -> str:
+    """``http://host:port``, an IPv6 address in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def _state(config: Config) -> str:
     if config.state:
-        return _mask_url(config.state)
+        return mask_url(config.state)
     return "shared memory" if config.workers > 1 else "memory"
 
 
@@ -73,7 +78,7 @@ def _cache(config: Config) -> dict[str, Any] | None:
 
     return {
         "mode": config.cache_mode,
-        "store": _mask_url(cache_location(config)),
+        "store": mask_url(cache_location(config)),
         "ttl": config.cache_ttl,
         "shared": config.cache_shared,
     }

@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 
 from .cache import Entry
 from .cachestore import CacheError
-from .redisstore import mask_url
+from .config import mask_url
 
 log = logging.getLogger("openai_forward")
 _T = TypeVar("_T")

@@ -192,21 +192,29 @@ class Config:
                 entry["key"] = "***"
             for key in ("api_key", "proxy"):
                 if entry.get(key):
-                    entry[key] = _mask_url(entry[key]) if key == "proxy" else "***"
+                    entry[key] = mask_url(entry[key]) if key == "proxy" else "***"
             if entry.get("keys"):
                 entry["keys"] = ["***"] * len(entry["keys"])
-        out["state"] = _mask_url(self.state)
+        out["state"] = mask_url(self.state)
         if out["admin_token"]:
             out["admin_token"] = "***"
-        out["cache_store"] = _mask_url(self.cache_store)
+        out["cache_store"] = mask_url(self.cache_store)
         return out
 
 
-def _mask_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return url.replace(":" + parts.password + "@", ":***@", 1)
+def mask_url(url: str) -> str:
+    """``url`` with any password (``user:PASSWORD@`` or ``?password=``) replaced by ``***``:
+    the form in which a Redis, PostgreSQL or proxy URL may be shown or logged."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<unparsable URL>"
+    if password is not None:
+        userinfo, _, hostport = parts.netloc.rpartition("@")
+        masked = userinfo.partition(":")[0] + ":***@" + hostport
+        url = url.replace(parts.netloc, masked, 1)
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
 
 
 def parse_base_url(url: str, key: str = "base_url") -> Upstream:
@@ -353,7 +361,7 @@ def _validate_state(url: str) -> None:
         return
     if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(
-            f"state: {_mask_url(url)!r} is not a redis://, rediss:// or unix:// URL "
+            f"state: {mask_url(url)!r} is not a redis://, rediss:// or unix:// URL "
             "(leave it empty for the embedded store)"
         )
     try:

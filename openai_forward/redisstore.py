@@ -39,6 +39,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from .config import mask_url
 from .limits import Bucket, BucketState, Decision, LocalStore
 
 log = logging.getLogger("openai_forward")
@@ -183,20 +184,6 @@ class _Lease:
 
     id: str
     settled: bool = False
-
-
-def mask_url(url: str) -> str:
-    """``url`` with any password (``user:PASSWORD@`` or ``?password=``) replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return "<unparsable Redis URL>"
-    if password is not None:
-        userinfo, _, hostport = parts.netloc.rpartition("@")
-        masked = userinfo.partition(":")[0] + ":***@" + hostport
-        url = url.replace(parts.netloc, masked, 1)
-    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
 
 
 def _secrets_of(url: str) -> list[str]:

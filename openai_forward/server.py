@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from .banner import banner
+from .banner import banner, http_url
 from .config import Config, listen_address
 from .errors import GatewayError
 from .http1 import Request, ServerProtocol
@@ -75,7 +75,7 @@ def serve(config: Config) -> int:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror)
         return 1
     host, port = sock.getsockname()[:2]
-    log.info("openai-forward listening on http://%s:%d, %d worker(s)", host, port, config.workers)
+    log.info("openai-forward listening on %s, %d worker(s)", http_url(host, port), config.workers)
     msock = None
     if config.metrics and config.metrics_listen:
         mhost, mport = listen_address(config.metrics_listen, "metrics_listen")
@@ -86,7 +86,7 @@ def serve(config: Config) -> int:
             sock.close()
             return 1
         bound = msock.getsockname()
-        log.info("metrics on http://%s:%d%s", bound[0], bound[1], config.metrics_path)
+        log.info("metrics on %s%s", http_url(bound[0], bound[1]), config.metrics_path)
     elif config.metrics:
         log.info("metrics on %s (admin token required)", config.metrics_path)
     log.info("startup %s", json.dumps(banner(config, host, port), separators=(",", ":")))

@@ -20,7 +20,8 @@ from redisserver import (  # noqa: F401
 )
 
 from openai_forward.limits import Bucket, Decision
-from openai_forward.redisstore import RedisStore, mask_url
+from openai_forward.config import mask_url
+from openai_forward.redisstore import RedisStore
 
 T = TypeVar("T")
 WARNING = "Redis state store unreachable"

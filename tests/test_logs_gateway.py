@@ -450,3 +450,35 @@ def test_startup_banner_is_structured_and_masked(gateway_factory, upstream, tmp_
     for secret in (UPSTREAM_KEY, FK_ALICE, ADMIN):
         assert_no_secret(gw.output(), secret=secret)
     assert record["logs"]["access"] == ["stdout"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "secret"),
+    [
+        ({"state": "redis://127.0.0.1:1/0?password=STATE-pw-secret"}, "STATE-pw-secret"),
+        ({"state": "unix:///run/redis.sock?db=2&PassWord=SOCK-pw-secret"}, "SOCK-pw-secret"),
+        ({"state": "rediss://user:USER-pw-secret@redis.internal/0"}, "USER-pw-secret"),
+        (
+            {"cache_mode": "on", "cache_store": "unix:///tmp/r.sock?password=CACHE-pw-secret"},
+            "CACHE-pw-secret",
+        ),
+    ],
+)
+def test_the_banner_masks_a_password_in_a_store_urls_query(settings, secret):
+    from openai_forward.banner import banner
+    from openai_forward.config import load
+
+    record = json.dumps(banner(load({}, None, settings), "127.0.0.1", 8000))
+    assert secret not in record
+    assert "***" in record
+
+
+def test_the_banner_says_null_for_logs_that_are_off_and_brackets_an_ipv6_address():
+    from openai_forward.banner import banner
+    from openai_forward.config import load
+
+    config = load({}, None, {"access_log": "off", "conversation_log": "off"})
+    record = banner(config, "::1", 8000)
+    assert record["logs"]["access"] is None and record["logs"]["conversations"] is None
+    assert record["listen"] == "http://[::1]:8000"
+    assert banner(config, "0.0.0.0", 80)["listen"] == "http://0.0.0.0:80"
