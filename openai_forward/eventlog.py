@@ -153,7 +153,7 @@ def _safe(text: str) -> str:
     """``text`` with control characters, quotes and non-ASCII escaped (one line, always)."""
     if text.isascii() and text.isprintable():
         return text
-    return repr(text)[1:-1]
+    return ascii(text)[1:-1]  # (repr would leave printable non-ASCII as it is)
 
 
 _second: list[Any] = [None, ""]  # the last whole second formatted, and its text
@@ -330,7 +330,7 @@ class EventLog:
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="logs")
-        self._failing = False
+        self._failing: dict[str, int] = {}  # target -> lines it dropped since it failed
         self.dropped = 0
         self.dropped_conversations = 0
         self.max_pending_bytes = MAX_PENDING_BYTES
@@ -458,13 +458,15 @@ class EventLog:
             sink.write(lines)
         except OSError as exc:
             self.dropped += len(lines)
-            if not self._failing:
-                self._failing = True
+            failing = self._failing
+            if target not in failing:
+                failing[target] = 0
                 log.warning("log %s: cannot write (%s); lines are dropped", target, exc)
+            failing[target] += len(lines)
             return
-        if self._failing:
-            self._failing = False
-            log.warning("log %s: writing again (%d lines were dropped)", target, self.dropped)
+        if self._failing and target in self._failing:
+            lost = self._failing.pop(target)
+            log.warning("log %s: writing again (%d lines were dropped)", target, lost)
 
     def _close_sinks(self) -> None:
         for sink in self._sinks.values():

@@ -189,3 +189,47 @@ def test_lines_waiting_past_the_bound_lose_the_oldest(tmp_path: Path, monkeypatc
     # each time 11 wait, the oldest one goes (a tenth of the bound)
     assert [r["request_id"] for r in lines] == [row(n)["request_id"] for n in range(15, 25)]
     assert log.dropped == 15
+
+
+def test_a_console_line_is_printable_ascii_whatever_the_client_sent() -> None:
+    odd = row(1)
+    odd["model"] = "你好\x1b[31m\nforged 200 POST"
+    odd["path"] = "/v1/é\u2028x"
+    line = eventlog.console_line(odd)
+    text = line.decode("ascii")  # nothing but ASCII
+    assert text.endswith("\n") and text.count("\n") == 1 and text[:-1].isprintable()
+    assert "model=\\u4f60\\u597d\\x1b[31m\\nforged 200 POST" in text
+    assert "/v1/\\xe9\\u2028x" in text
+
+
+def test_a_failing_log_warns_once_names_itself_and_counts_only_its_own_lines(
+    tmp_path: Path, caplog
+) -> None:
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    access, talks = folder / "a.jsonl", tmp_path / "c.jsonl"
+    config = load({}, None, {"access_log": str(access), "conversation_log": str(talks)})
+    log = EventLog(config)
+
+    async def run() -> None:
+        log.add(*event(1))
+        await log.flush()  # both files open
+        for f in folder.iterdir():  # the log and its lock file
+            f.unlink()
+        folder.rmdir()
+        for n in range(2, 5):  # three batches the access log cannot write
+            log.add(*event(n))
+            await log.flush()
+        folder.mkdir()
+        log.add(*event(5))
+        await log.flush()
+        await log.aclose()
+
+    with caplog.at_level("WARNING", logger="openai_forward"):
+        asyncio.run(run())
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith(f"log {access}: cannot write")
+    assert warnings[1] == f"log {access}: writing again (3 lines were dropped)"
+    assert len(read_lines(talks)) == 5  # the conversation log lost nothing
+    assert [r["request_id"] for r in read_lines(access)] == [row(5)["request_id"]]
