@@ -92,7 +92,9 @@ class Request:
         self.pending: list[bytes] | None = []
         self.sink: BodySink | None = None
         self.responded = False
-        self.on_lost: Callable[[], None] | None = None
+        # the client went away (no argument), or its body broke a limit or its framing
+        # while it was being forwarded (the error, for the handler to answer and account)
+        self.on_lost: Callable[..., None] | None = None
         self.on_body_done: Callable[[], None] | None = None
         self.on_overflow: Callable[[], None] | None = None
         self.ctx: Any = None  # the application's per-request data
@@ -477,7 +479,8 @@ class ServerProtocol(asyncio.Protocol):
             # the request is being forwarded and its body went wrong
             if req.on_lost is not None:
                 callback, req.on_lost = req.on_lost, None
-                callback()  # drops the upstream request
+                callback(error)  # drops the upstream request, answers (or aborts), accounts
+                return
             if req.responded:
                 self.abort()  # the response began: it cannot be completed
             else:

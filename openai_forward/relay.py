@@ -529,8 +529,11 @@ class Relay:
 
     # the client side
 
-    def client_lost(self) -> None:
+    def client_lost(self, error: GatewayError | None = None) -> None:
         """The client went away: drop the upstream request now; it is not the upstream's fault.
+        With ``error``, the client is still there but its body broke a limit or its framing
+        on the way (a chunked body past ``max_body_size``): it gets, and the logs record,
+        that error.
 
         A stream whose last pieces sent end it as a complete stream does (``data: [DONE]``,
         or the Responses API's ``response.completed``) was complete for the client (the
@@ -539,6 +542,10 @@ class Relay:
         answer, by the same test the cache applies to what it stores. The last two pieces
         are looked at, so a final event split over two reads counts; one split over more
         (larger than a read, or dribbled out) counts as a disconnect."""
+        if error is not None:
+            self._drop_upstream()
+            self.fail_before_response(error)
+            return
         if self.sse and self.req.responded and stream_complete([self.before, self.tail]):
             self._answer_complete()
         elif self.acct is not None:

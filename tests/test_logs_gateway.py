@@ -482,3 +482,30 @@ def test_the_banner_says_null_for_logs_that_are_off_and_brackets_an_ipv6_address
     assert record["logs"]["access"] is None and record["logs"]["conversations"] is None
     assert record["listen"] == "http://[::1]:8000"
     assert banner(config, "0.0.0.0", 80)["listen"] == "http://0.0.0.0:80"
+
+
+def test_a_chunked_body_past_the_limit_is_logged_as_the_413_the_client_got(
+    gateway_factory, upstream, tmp_path
+):
+    """A chunked body's size is known only as it arrives, after the request was routed and
+    its upstream request begun: the client gets 413, and the log says so (not 499)."""
+    log_path = tmp_path / "access.log"
+    cfg = {"access_log": str(log_path), "max_body_size": 1000}
+    gw = gateway_factory(upstream.url, args=write_config(tmp_path, upstream.url, **cfg))
+    body = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 5000}]})
+
+    def pieces():
+        data = body.encode()
+        for at in range(0, len(data), 512):
+            yield data[at : at + 512]
+
+    headers = {"authorization": f"Bearer {FK_ALICE}", "content-type": "application/json"}
+    r = httpx.post(gw.url + CHAT, content=pieces(), headers=headers, timeout=10)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    (line,) = wait_lines(log_path, 1)
+    assert (line["status"], line["error_code"]) == (413, "request_too_large")
+    assert line["client_closed"] is False and line["key_name"] == "alice"
+    assert line["request_id"] == r.headers["x-request-id"]
+    # the connection is fine for the next request: a new one, and it is logged too
+    sdk(gw).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert [x["status"] for x in wait_lines(log_path, 2)] == [413, 200]
