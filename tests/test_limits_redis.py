@@ -19,8 +19,8 @@ from redisserver import (  # noqa: F401
     warnings_in,
 )
 
-from openai_forward.limits import Bucket, Decision
 from openai_forward.config import mask_url
+from openai_forward.limits import Bucket, Decision
 from openai_forward.redisstore import RedisStore
 
 T = TypeVar("T")
