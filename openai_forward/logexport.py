@@ -22,12 +22,13 @@ import zlib
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import IO, Any, cast
 
 import orjson
 
 from .logfile import rotated_paths
+from .records import parse_since
 
 FORMATS = ("openai-chat", "jsonl")
 CHAT = "/v1/chat/completions"
@@ -46,7 +47,6 @@ _ROLE = {"developer": "system"}
 _PARTS = frozenset({"text", "image_url", "refusal"})
 # answers not to learn from: cut short (by the client leaving, max_tokens, a filter, a fault)
 _UNFINISHED = frozenset({None, "length", "content_filter", "error"})
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 @dataclass
@@ -267,25 +267,25 @@ def _calls(calls: object) -> list[dict[str, Any]]:
 
 
 def parse_time(text: str, now: float) -> float:
-    """A point in time for ``--since``/``--until``: unix seconds (``1760000000``), an ISO
-    8601 date or date-time (``2026-01-31``, ``2026-01-31T08:00``; UTC unless it has an
-    offset), or an age before ``now`` (``90s``, ``30m``, ``12h``, ``7d``, ``2w``).
-    Raises ValueError naming the text otherwise."""
-    text = text.strip()
-    unit = _UNITS.get(text[-1:].lower())
-    try:
-        if unit is not None and text[:-1].replace(".", "", 1).isdigit():
-            return now - float(text[:-1]) * unit
-        if text.replace(".", "", 1).isdigit():
-            return float(text)
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        when = None
-    if when is None:
-        raise ValueError(f"{text!r} is not a time: use 2026-01-31, 2026-01-31T08:00, 7d or 12h")
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return when.timestamp()
+    """A point in time for ``--since``/``--until``: unix seconds (``1760000000``), or what
+    ``usage --since`` takes (``records.parse_since``): an ISO 8601 date or date-time
+    (``2026-01-31``, ``2026-01-31T08:00``, ``...Z``; UTC unless it has an offset), or an
+    age before ``now`` (``90s``, ``30m``, ``12h``, ``7d``, ``2w``). Raises ValueError naming
+    the text otherwise; eight digits (``20260131``, a date without its dashes, or a unix
+    second of 1970) are refused as ambiguous."""
+    value = text.strip()
+    if value.replace(".", "", 1).isdigit():
+        if len(value.partition(".")[0]) == 8:
+            raise ValueError(f"{text!r} is not a time: for a date write 2026-01-31")
+        return float(value)
+    if value[-1:] in ("S", "M", "H", "D", "W"):  # 7D as 7d
+        value = value[:-1] + value[-1].lower()
+    if value:
+        try:
+            return parse_since(value, now)
+        except ValueError:
+            pass
+    raise ValueError(f"{text!r} is not a time: use 2026-01-31, 2026-01-31T08:00, 7d or 12h")
 
 
 def add_parser(
@@ -327,8 +327,8 @@ def run(args: argparse.Namespace, conversation_log: str) -> int:
         return 2
     now = time.time()
     try:
-        since = parse_time(args.since, now) if args.since else None
-        until = parse_time(args.until, now) if args.until else None
+        since = parse_time(args.since, now) if args.since is not None else None
+        until = parse_time(args.until, now) if args.until is not None else None
     except ValueError as exc:
         print(f"openai-forward: {exc}", file=sys.stderr)
         return 2

@@ -387,6 +387,8 @@ NOW = 1_760_000_000.0
         ("2026-01-31", 1_769_817_600.0),
         ("2026-01-31T08:00", 1_769_817_600.0 + 8 * 3600),
         ("2026-01-31T08:00+02:00", 1_769_817_600.0 + 6 * 3600),
+        ("2026-01-31T08:00Z", 1_769_817_600.0 + 8 * 3600),  # (Python 3.10 reads no Z itself)
+        ("7D", NOW - 7 * 86400),
         ("90s", NOW - 90),
         ("30m", NOW - 1800),
         ("12h", NOW - 12 * 3600),
@@ -399,7 +401,33 @@ def test_times_for_since_and_until_read_dates_ages_and_unix_seconds(text, expect
     assert parse_time(text, NOW) == expected
 
 
-@pytest.mark.parametrize("text", ["", "yesterday", "7x", "d", "-3d", "2026-13-01"])
+@pytest.mark.parametrize(
+    "text", ["", "  ", "yesterday", "7x", "d", "-3d", "2026-13-01", "20260131", "12345678.5"]
+)
 def test_a_time_that_is_none_of_those_is_refused_by_name(text):
     with pytest.raises(ValueError, match="is not a time"):
         parse_time(text, NOW)
+
+
+@pytest.mark.parametrize("flag", ["--since", "--until"])
+def test_an_empty_since_or_until_is_refused_not_ignored(tmp_path, flag):
+    from conftest import run_cli
+
+    conv = tmp_path / "c.jsonl"
+    conv.write_text("")
+    done = run_cli("logs", "export", "--file", str(conv), flag, "")
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "is not a time" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_existing_output_file_is_truncated_and_made_private(tmp_path):
+    from conftest import run_cli
+
+    conv = tmp_path / "c.jsonl"
+    conv.write_text("")
+    out = tmp_path / "train.jsonl"
+    out.write_text("old contents\n")
+    out.chmod(0o644)
+    done = run_cli("logs", "export", "--file", str(conv), "--output", str(out))
+    assert done.returncode == 0, done.stderr
+    assert out.read_text() == "" and (out.stat().st_mode & 0o777) == 0o600
