@@ -160,20 +160,28 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def run_worker(config: Config, sockets: Sockets, shared: Any = None, index: int = 0) -> int:
+def run_worker(
+    config: Config,
+    sockets: Sockets,
+    shared: Any = None,
+    index: int = 0,
+    parent: int | None = None,
+) -> int:
+    """Serve until a stop signal; ``parent``: the supervisor's pid, for a forked worker,
+    which stops by itself (draining, as on SIGTERM) if its supervisor is gone."""
     loop = _new_loop()
     asyncio.set_event_loop(loop)
     if shared is not None:
         shared.attach(index)
     try:
-        loop.run_until_complete(_worker(config, sockets, state_store(config, shared)))
+        loop.run_until_complete(_worker(config, sockets, state_store(config, shared), parent))
     finally:
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
     return 0
 
 
-async def _worker(config: Config, sockets: Sockets, state: Any) -> None:
+async def _worker(config: Config, sockets: Sockets, state: Any, parent: int | None) -> None:
     loop = asyncio.get_running_loop()
     metrics = None
     if config.metrics:
@@ -196,7 +204,12 @@ async def _worker(config: Config, sockets: Sockets, state: Any) -> None:
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked across fork
+    orphaned = None
+    if parent is not None:  # a supervisor killed by SIGKILL tells nobody: look once a second
+        orphaned = loop.create_task(_orphaned(parent, stop))
     await stop.wait()
+    if orphaned is not None:
+        orphaned.cancel()
     log.info("stopping: draining %d connection(s)", len(connections))
     server.close()
     if metrics_server is not None:
@@ -210,6 +223,16 @@ async def _worker(config: Config, sockets: Sockets, state: Any) -> None:
         conn.abort()
     await proxy.aclose()
     await asyncio.sleep(0)
+
+
+async def _orphaned(parent: int, stop: asyncio.Event) -> None:
+    """Set ``stop`` once this process's parent is no longer ``parent`` (it died, and the
+    worker was handed to init): nobody would stop or restart this worker, and the port
+    could not be served again while it held the socket."""
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    log.warning("the supervisor (pid %d) is gone: stopping this worker", parent)
+    stop.set()
 
 
 def supervise(config: Config, sockets: Sockets) -> int:
@@ -226,13 +249,14 @@ def supervise(config: Config, sockets: Sockets) -> int:
         # A stop signal that arrives before the worker has its handlers must wait for them,
         # not kill it half-started: block across fork, the worker unblocks when ready.
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                code = run_worker(config, sockets, shared, index)
+                code = run_worker(config, sockets, shared, index, parent)
             except BaseException:
                 log.exception("worker failed")
             finally:

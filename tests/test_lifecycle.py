@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -171,3 +172,33 @@ def test_hundreds_of_slowloris_connections_do_not_starve_real_clients(gateway_fa
     finally:
         for s in slow:
             s.close()
+
+
+def test_workers_stop_by_themselves_when_the_supervisor_is_killed(upstream, tmp_path):
+    """SIGKILL of the supervisor tells nobody: its workers, handed to init, notice within
+    about a second, drain and exit, so the port is free for the next start."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    env["OPENAI_BASE_URL"] = upstream.url
+    cmd = [sys.executable, "-m", "openai_forward", "run", "--host", "127.0.0.1"]
+    proc = subprocess.Popen(
+        [*cmd, "--port", str(port), "--workers", "2"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        _wait_ready(port)
+        workers = _children(proc.pid, 2)
+        proc.kill()
+        proc.wait(5)
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert alive == [], "workers kept serving after their supervisor died"
+        with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+            pass
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of its group
+        proc.wait(5)
