@@ -42,19 +42,26 @@ def _wait_ready(port: int, timeout: float = 15.0) -> None:
     raise AssertionError("gateway did not become ready")
 
 
-def test_ctrl_c_to_the_process_group_stops_every_worker(upstream, tmp_path):
+def _start_two_workers(upstream, tmp_path, stderr):
+    """The gateway with two workers in its own process group (as a terminal's foreground
+    job), its usage database in ``tmp_path``; returns the process and its port."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
     env["OPENAI_BASE_URL"] = upstream.url
     cmd = [sys.executable, "-m", "openai_forward", "run", "--host", "127.0.0.1"]
     proc = subprocess.Popen(
         [*cmd, "--port", str(port), "--workers", "2"],
-        cwd=tmp_path,  # its usage database lands there
+        cwd=tmp_path,
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,  # its own process group, as a terminal's foreground job
+        stderr=stderr,
+        start_new_session=True,
     )
+    return proc, port
+
+
+def test_ctrl_c_to_the_process_group_stops_every_worker(upstream, tmp_path):
+    proc, port = _start_two_workers(upstream, tmp_path, subprocess.PIPE)
     try:
         _wait_ready(port)
         workers = _children(proc.pid, 2)
@@ -177,18 +184,7 @@ def test_hundreds_of_slowloris_connections_do_not_starve_real_clients(gateway_fa
 def test_workers_stop_by_themselves_when_the_supervisor_is_killed(upstream, tmp_path):
     """SIGKILL of the supervisor tells nobody: its workers, handed to init, notice within
     about a second, drain and exit, so the port is free for the next start."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
-    env["OPENAI_BASE_URL"] = upstream.url
-    cmd = [sys.executable, "-m", "openai_forward", "run", "--host", "127.0.0.1"]
-    proc = subprocess.Popen(
-        [*cmd, "--port", str(port), "--workers", "2"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc, port = _start_two_workers(upstream, tmp_path, subprocess.DEVNULL)
     try:
         _wait_ready(port)
         workers = _children(proc.pid, 2)
