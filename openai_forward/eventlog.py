@@ -464,8 +464,8 @@ class EventLog:
                 log.warning("log %s: cannot write (%s); lines are dropped", target, exc)
             failing[target] += len(lines)
             return
-        if self._failing and target in self._failing:
-            lost = self._failing.pop(target)
+        lost = self._failing.pop(target, None)
+        if lost is not None:
             log.warning("log %s: writing again (%d lines were dropped)", target, lost)
 
     def _close_sinks(self) -> None:

@@ -92,9 +92,9 @@ class Request:
         self.pending: list[bytes] | None = []
         self.sink: BodySink | None = None
         self.responded = False
-        # the client went away (no argument), or its body broke a limit or its framing
+        # the client went away (None), or its body broke a limit or its framing
         # while it was being forwarded (the error, for the handler to answer and account)
-        self.on_lost: Callable[..., None] | None = None
+        self.on_lost: Callable[[GatewayError | None], None] | None = None
         self.on_body_done: Callable[[], None] | None = None
         self.on_overflow: Callable[[], None] | None = None
         self.ctx: Any = None  # the application's per-request data
@@ -189,7 +189,7 @@ class ServerProtocol(asyncio.Protocol):
         for req in (self.active, self.req):
             if req is not None and req.on_lost is not None:
                 callback, req.on_lost = req.on_lost, None
-                callback()
+                callback(None)
         self.queue.clear()
 
     def data_received(self, data: bytes) -> None:

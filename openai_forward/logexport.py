@@ -278,8 +278,6 @@ def parse_time(text: str, now: float) -> float:
         if len(value.partition(".")[0]) == 8:
             raise ValueError(f"{text!r} is not a time: for a date write 2026-01-31")
         return float(value)
-    if value[-1:] in ("S", "M", "H", "D", "W"):  # 7D as 7d
-        value = value[:-1] + value[-1].lower()
     if value:
         try:
             return parse_since(value, now)

@@ -691,19 +691,21 @@ def _one_by_one(store: RecordStore, rows: Sequence[UsageRow]) -> tuple[int, int]
     return stored, bad
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+# a unit in either case, except M: months or minutes?
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdwSHDW])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def parse_since(text: str, now: float) -> float:
     """A point in time as epoch seconds: a duration back from ``now`` (``30m``, ``24h``,
-    ``7d``; also ``s`` and ``w``) or an ISO date or date-time (``2026-11-01``,
-    ``2026-11-01T12:00``, ``2026-11-01T12:00+02:00``, ``...Z``), UTC when no zone is given.
+    ``7d``; also ``s`` and ``w``; ``7D`` too, but not ``3M``: months or minutes?) or an ISO
+    date or date-time (``2026-11-01``, ``2026-11-01T12:00``, ``2026-11-01T12:00+02:00``,
+    ``...Z``), UTC when no zone is given.
     ``ValueError`` with a message naming the accepted forms otherwise."""
     value = text.strip()
     match = _DURATION.fullmatch(value)
     if match is not None:
-        return now - float(match[1]) * _UNITS[match[2]]
+        return now - float(match[1]) * _UNITS[match[2].lower()]
     iso = value[:-1] + "+00:00" if value[-1:] in ("Z", "z") else value  # Python 3.10 lacks Z
     try:
         when = datetime.fromisoformat(iso)

@@ -402,7 +402,7 @@ def test_times_for_since_and_until_read_dates_ages_and_unix_seconds(text, expect
 
 
 @pytest.mark.parametrize(
-    "text", ["", "  ", "yesterday", "7x", "d", "-3d", "2026-13-01", "20260131", "12345678.5"]
+    "text", ["", "  ", "yesterday", "7x", "d", "-3d", "2026-13-01", "20260131", "12345678.5", "3M"]
 )
 def test_a_time_that_is_none_of_those_is_refused_by_name(text):
     with pytest.raises(ValueError, match="is not a time"):

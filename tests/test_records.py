@@ -332,6 +332,8 @@ NOW = datetime(2026, 11, 10, 12, 0, tzinfo=timezone.utc).timestamp()
         ("30m", NOW - 1800),
         ("24h", NOW - DAY),
         ("7d", NOW - 7 * DAY),
+        ("7D", NOW - 7 * DAY),
+        ("12H", NOW - 12 * 3600),
         ("1.5h", NOW - 5400),
         ("2w", NOW - 14 * DAY),
         (" 90s ", NOW - 90),
